@@ -1,0 +1,167 @@
+"""The mountable ASGI app: routes to consumers, one shared groups layer, a lifespan helper.
+
+Starlette never runs a mounted app's lifespan, so the layer connects lazily on first use.
+For a clean shutdown, the parent app enters `app.lifespan()` in its own lifespan::
+
+    dream_ws = DreamWebSocketApp(authorize=can_watch)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        async with dream_ws.lifespan():
+            yield
+
+    app = Starlette(routes=[Mount("/ws", dream_ws)], lifespan=lifespan)
+
+Run standalone (`uvicorn module:dream_ws`), the app handles its own lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route, Router, WebSocketRoute
+from starlette.types import Receive, Scope, Send
+
+from .auth import Authorizer, TokenVerifier
+from .consumer import CloseCodes, CloseConnection, Consumer, ConsumerContext
+from .dreams import DreamImagesConsumer
+from .heartbeat import Heartbeat
+from .layer import BackendUnavailable, GroupLayer
+from .producers import register_app_layer, unregister_app_layer
+from .settings import ConfigurationError, Settings
+
+logger = logging.getLogger("starlette_dream_ws.app")
+
+STATIC = Path(__file__).parent / "static"
+#: Seconds `close()` waits for connections to finish closing.
+SHUTDOWN_TIMEOUT = 5.0
+
+
+class ConsumerApp:
+    """Serves consumer classes at paths, all sharing one groups layer and one heartbeat."""
+
+    def __init__(
+        self,
+        routes: Mapping[str, type[Consumer]],
+        *,
+        authorize: Callable[..., Any] | None = None,
+        settings: Settings | None = None,
+        **overrides: Any,
+    ) -> None:
+        if settings is None:
+            settings = Settings.from_env(**overrides)
+        elif overrides:
+            settings = dataclasses.replace(settings, **overrides)
+        self.settings = settings
+        self.layer = GroupLayer(settings)
+        self.heartbeat = Heartbeat(settings.heartbeat_interval, settings.effective_heartbeat_timeout)
+        self.context = ConsumerContext(
+            settings=settings,
+            layer=self.layer,
+            verifier=TokenVerifier(settings),
+            heartbeat=self.heartbeat,
+            authorize=authorize,
+        )
+        self.router = Router(
+            routes=[
+                *(WebSocketRoute(path, _ConsumerEndpoint(self, cls)) for path, cls in routes.items()),
+                Route("/dream-ws.js", self._client_script, methods=["GET", "HEAD"]),
+                Route("/health", self._health, methods=["GET"]),
+            ],
+            lifespan=lambda _: self.lifespan(),
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.router(scope, receive, send)
+
+    async def start(self) -> None:
+        """Connect the groups layer (idempotent); done lazily on the first connection."""
+        await self.layer.connect()
+        register_app_layer(self.layer)
+
+    async def close(self, code: int = CloseCodes.GOING_AWAY) -> None:
+        """Close every connection with `code`, stop the heartbeat, disconnect the layer."""
+        consumers = list(self.context.consumers)
+        for consumer in consumers:
+            consumer.close_soon(CloseConnection(code))
+        if consumers:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._all_closed(), SHUTDOWN_TIMEOUT)
+        await self.heartbeat.close()
+        unregister_app_layer(self.layer)
+        await self.layer.disconnect()
+
+    async def _all_closed(self) -> None:
+        while self.context.consumers:
+            await asyncio.sleep(0.01)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Connect on startup and close on shutdown; enter it in a parent app's lifespan."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.close()
+
+    async def _client_script(self, request: Request) -> Response:
+        return FileResponse(STATIC / "dream-ws.js", media_type="text/javascript")
+
+    async def _health(self, request: Request) -> Response:
+        healthy = self.layer.healthy
+        return JSONResponse(
+            {
+                "status": "ok" if healthy else "unavailable",
+                "backend_connected": healthy,
+                "connections": len(self.context.consumers),
+                "backend_reconnects": self.layer.reconnects,
+            },
+            status_code=200 if healthy else 503,
+        )
+
+
+class _ConsumerEndpoint:
+    """An ASGI app that runs one consumer class per connection."""
+
+    def __init__(self, app: ConsumerApp, consumer_class: type[Consumer]) -> None:
+        self.app = app
+        self.consumer_class = consumer_class
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app.start()
+        except BackendUnavailable:
+            pass  # the consumer closes with 1013 when it tries to join a group
+        await self.consumer_class(scope, receive, send, self.app.context).run()
+
+
+class DreamWebSocketApp(ConsumerApp):
+    """The dream images endpoint, `/dreams/{dream_id}`, ready to mount.
+
+    `authorize(user, dream_id)` decides who may watch which dream (it may be async). To let
+    every authenticated user watch every dream, pass `allow_any_authenticated_user`.
+    """
+
+    def __init__(
+        self,
+        *,
+        authorize: Authorizer | None,
+        settings: Settings | None = None,
+        consumer: type[DreamImagesConsumer] = DreamImagesConsumer,
+        path: str = "/dreams/{dream_id:int}",
+        **overrides: Any,
+    ) -> None:
+        if authorize is None:
+            raise ConfigurationError(
+                "authorize is required: pass a function (user, dream_id) -> bool, or "
+                "allow_any_authenticated_user to let any authenticated user watch any dream"
+            )
+        super().__init__({path: consumer}, authorize=authorize, settings=settings, **overrides)

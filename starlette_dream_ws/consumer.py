@@ -1,0 +1,369 @@
+"""The generic consumer: one WebSocket connection, its life cycle and `type` dispatch.
+
+As in Channels, handlers are found with `getattr` on a message's `type`:
+
+* a client frame `{"type": "ping"}` calls `receive_ping(self, content)`;
+* a group event `{"type": "image_update"}` (or `"image.update"`) calls `image_update(self, event)`.
+
+Client messages get the `receive_` prefix so that no client can reach an event handler or a
+life-cycle method by naming it. A `type` with no handler is answered with an `error`.
+
+Each connection runs in the task the server gave it, which reads client frames. Group events
+and heartbeat pings go through a bounded buffer that a short-lived task drains while there is
+something to send; when the buffer is full the client is too slow and is closed with 1013.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
+
+from starlette.requests import HTTPConnection
+from starlette.types import Receive, Scope, Send
+
+from .auth import AuthenticationFailed, TokenVerifier, User, extract_token
+from .heartbeat import Heartbeat
+from .layer import BackendUnavailable, GroupLayer, cancel_and_wait, encode
+from .settings import Settings
+
+logger = logging.getLogger("starlette_dream_ws.consumer")
+
+_TYPE_NAME = re.compile(r"[a-z][a-z0-9_.]{0,63}")
+_PING = {"type": "ping"}
+
+
+class CloseCodes:
+    """Close codes of the protocol."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    TRY_AGAIN_LATER = 1013
+    UNAUTHENTICATED = 4401
+    FORBIDDEN = 4403
+    HEARTBEAT_TIMEOUT = 4408
+
+
+class CloseConnection(Exception):
+    """Raise from any hook or handler to send an `error` (if `error` is set) and close."""
+
+    def __init__(self, code: int, error: str | None = None, message: str = "") -> None:
+        super().__init__(message or error or str(code))
+        self.code = code
+        self.error = error
+        self.message = message
+
+
+@dataclasses.dataclass
+class ConsumerContext:
+    """What an app shares with every consumer it runs."""
+
+    settings: Settings
+    layer: GroupLayer
+    verifier: TokenVerifier | None
+    heartbeat: Heartbeat
+    #: The integrator's authorizer, called by the consumer's `authorize()`.
+    authorize: Callable[..., bool | Awaitable[bool]] | None = None
+    #: Open consumers, so the app can close them on shutdown.
+    consumers: set[Consumer] = dataclasses.field(default_factory=set)
+
+
+class Consumer:
+    """Base class of a WebSocket consumer. Override the hooks, add handlers."""
+
+    #: Subprotocol chosen when the client offers it.
+    subprotocol: ClassVar[str | None] = None
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, context: ConsumerContext) -> None:
+        self.scope = scope
+        self.connection = HTTPConnection(scope)
+        self.context = context
+        self.settings = context.settings
+        self.layer = context.layer
+        self.user: User | None = None
+        self.groups: set[str] = set()
+        self.close_code: int | None = None
+        self._receive = receive
+        self._send = send
+        self._accepted = False
+        self._ready = False
+        self._close_sent = False
+        self._closed = False
+        self._accepted_subprotocol: str | None = None
+        self._events: deque[dict[str, Any]] = deque()
+        self._pump: asyncio.Task[None] | None = None
+        self._pending_close: CloseConnection | None = None
+        self._last_seen = time.monotonic()
+        self._next_ping = self._last_seen + self.settings.heartbeat_interval
+        self.opened_at = time.time()
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Handshake: accept, authenticate the token, ask `authorize()`.
+
+        Accepting first lets close codes reach browsers: a refused handshake shows them
+        only 1006. Override to join groups and greet the client, calling this first.
+        """
+        await self.accept()
+        self.user = self.authenticate()
+        if not await self.authorize():
+            raise CloseConnection(CloseCodes.FORBIDDEN, "forbidden", "you may not watch this")
+
+    def authenticate(self) -> User:
+        if self.context.verifier is None:
+            raise CloseConnection(CloseCodes.UNAUTHENTICATED, "unauthenticated", "no token verifier configured")
+        token, _ = extract_token(self.connection.query_params, self.connection.headers, self._offered_subprotocols())
+        try:
+            return self.context.verifier.verify(token)
+        except AuthenticationFailed as exc:
+            logger.info("authentication failed: %s (path %s)", exc.reason, self.scope.get("path"))
+            raise CloseConnection(CloseCodes.UNAUTHENTICATED, "unauthenticated", exc.message) from None
+
+    async def authorize(self) -> bool:
+        """May `self.user` use this connection? Denies unless a subclass decides."""
+        return False
+
+    async def receive_json(self, content: dict[str, Any]) -> None:
+        """Called for each client JSON object; dispatches on its `type`."""
+        kind = content.get("type")
+        if not isinstance(kind, str):
+            await self.send_error("invalid_message", "every message needs a string 'type'")
+            return
+        handler = self._handler("receive_", kind)
+        if handler is None:
+            await self.send_error("unknown_type", f"unknown message type {kind[:64]!r}")
+            return
+        await handler(content)
+
+    async def disconnect(self, code: int) -> None:
+        """Called once when the connection has ended, whichever side closed it."""
+
+    # -- API for handlers -------------------------------------------------------------------
+
+    async def accept(self, subprotocol: str | None = None) -> None:
+        if self._accepted:
+            return
+        offered = self._offered_subprotocols()
+        if subprotocol is None and self.subprotocol in offered:
+            subprotocol = self.subprotocol
+        self._accepted_subprotocol = subprotocol
+        await self._send({"type": "websocket.accept", "subprotocol": subprotocol})
+        self._accepted = True
+
+    async def send_json(self, content: dict[str, Any]) -> None:
+        await self.send_text(encode(content))
+
+    async def send_text(self, text: str) -> None:
+        if self._close_sent or self._closed:
+            return
+        try:
+            await self._send({"type": "websocket.send", "text": text})
+        except Exception as exc:  # the client went away: the reader sees the disconnect
+            logger.debug("send failed: %s", type(exc).__name__)
+            self._closed = True
+
+    async def send_error(self, code: str, message: str) -> None:
+        await self.send_json({"type": "error", "code": code, "message": message})
+
+    async def close(self, code: int = CloseCodes.NORMAL, reason: str = "") -> None:
+        if self._close_sent or self._closed:
+            return
+        self._close_sent = True
+        self.close_code = code
+        try:
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        except Exception as exc:
+            logger.debug("close failed: %s", type(exc).__name__)
+
+    async def group_add(self, group: str) -> None:
+        """Join `group`: its events reach this connection until it leaves or closes."""
+        try:
+            await self.layer.join(group, self)
+        except BackendUnavailable:
+            raise CloseConnection(CloseCodes.TRY_AGAIN_LATER, "unavailable", "updates are unavailable, retry later") from None
+        self.groups.add(group)
+
+    async def group_discard(self, group: str) -> None:
+        self.groups.discard(group)
+        await self.layer.leave(group, self)
+
+    # -- group events -----------------------------------------------------------------------
+
+    def deliver(self, event: dict[str, Any]) -> None:
+        """Queue a group event for this connection (called by the layer, never blocks)."""
+        if self._closed or self._close_sent or self._pending_close is not None:
+            return
+        if len(self._events) >= self.settings.max_pending_events:
+            self._events.clear()
+            self.close_soon(CloseConnection(CloseCodes.TRY_AGAIN_LATER, "too_slow", "too many updates waiting"))
+            return
+        self._events.append(event)
+        if self._ready:
+            self._start_pump()
+
+    def close_soon(self, reason: CloseConnection) -> None:
+        """Close from outside the reader (timers, the layer): sends an error and closes."""
+        if self._closed or self._close_sent or self._pending_close is not None:
+            return
+        self._pending_close = reason
+        if self._ready:
+            self._start_pump()
+
+    def _start_pump(self) -> None:
+        if self._pump is None:
+            self._pump = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending_close is None and self._events:
+                event = self._events.popleft()
+                if event is _PING:
+                    await self.send_json({"type": "ping", "timestamp": time.time()})
+                else:
+                    await self._dispatch_event(event)
+            if self._pending_close is not None:
+                await self._close_with(self._pending_close)
+        finally:
+            self._pump = None
+
+    async def _dispatch_event(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        handler = self._handler("", kind)
+        if handler is None:
+            logger.warning("no handler for group event type %r", kind[:64])
+            await self.send_error("unknown_event", f"no handler for event type {kind[:64]!r}")
+            return
+        try:
+            await handler(event)
+        except CloseConnection as exc:
+            await self._close_with(exc)
+        except Exception:
+            logger.exception("handler for group event %r failed", kind[:64])
+
+    def _handler(self, prefix: str, kind: str) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
+        if not _TYPE_NAME.fullmatch(kind):
+            return None
+        name = prefix + kind.replace(".", "_")
+        if not prefix and (name.startswith("receive_") or hasattr(Consumer, name)):
+            # Events may not call client handlers or the life-cycle API.
+            return None
+        handler = getattr(self, name, None)
+        return handler if callable(handler) else None
+
+    # -- heartbeat --------------------------------------------------------------------------
+
+    def heartbeat(self, now: float) -> None:
+        if now - self._last_seen >= self.settings.effective_heartbeat_timeout:
+            self.close_soon(CloseConnection(CloseCodes.HEARTBEAT_TIMEOUT, "heartbeat_timeout", "no message in time"))
+            return
+        expires_at = self.user.expires_at if self.user is not None else None
+        if expires_at is not None and time.time() >= expires_at + self.settings.jwt_leeway:
+            self.close_soon(CloseConnection(CloseCodes.UNAUTHENTICATED, "token_expired", "the token has expired"))
+            return
+        if now >= self._next_ping:
+            self._next_ping = now + self.settings.heartbeat_interval
+            self.deliver(_PING)
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until it closes; every task it started has ended on return."""
+        message = await self._receive()
+        if message["type"] != "websocket.connect":
+            return
+        code = CloseCodes.NORMAL
+        self.context.consumers.add(self)
+        try:
+            await self.connect()
+            if not self._accepted:
+                await self.accept()
+            # Events that arrived during the handshake wait until the greeting is out.
+            self._ready = True
+            if self._events or self._pending_close is not None:
+                self._start_pump()
+            self.context.heartbeat.add(self)
+            code = await self._read()
+        except CloseConnection as exc:
+            await self._close_with(exc)
+            code = exc.code
+        except Exception:
+            logger.exception("consumer failed")
+            await self._close_with(CloseConnection(1011, "internal_error", "internal error"))
+            code = 1011
+        finally:
+            await self._teardown(code)
+
+    async def _read(self) -> int:
+        limit = self.settings.max_message_size
+        while True:
+            message = await self._receive()
+            if message["type"] == "websocket.disconnect":
+                return int(message.get("code") or CloseCodes.NORMAL)
+            self._last_seen = time.monotonic()
+            text = message.get("text")
+            if text is None:
+                data = message.get("bytes") or b""
+                if len(data) > limit:
+                    raise CloseConnection(CloseCodes.MESSAGE_TOO_BIG, "message_too_big", f"frames are limited to {limit} bytes")
+                await self.send_error("binary_not_supported", "send JSON text frames")
+                continue
+            if len(text) > limit or len(text.encode()) > limit:
+                raise CloseConnection(CloseCodes.MESSAGE_TOO_BIG, "message_too_big", f"frames are limited to {limit} bytes")
+            try:
+                content = json.loads(text)
+            except (ValueError, RecursionError):
+                await self.send_error("invalid_json", "the frame is not valid JSON")
+                continue
+            if not isinstance(content, dict):
+                await self.send_error("invalid_message", "each frame must be one JSON object")
+                continue
+            try:
+                await self.receive_json(content)
+            except CloseConnection:
+                raise
+            except Exception:
+                logger.exception("handler for client message failed")
+                await self.send_error("internal_error", "the message could not be handled")
+            if self._close_sent:
+                return self.close_code or CloseCodes.NORMAL
+
+    async def _close_with(self, reason: CloseConnection) -> None:
+        if not self._accepted:
+            try:
+                await self.accept()
+            except Exception:
+                return
+        if reason.error is not None:
+            await self.send_error(reason.error, reason.message)
+        await self.close(reason.code)
+
+    async def _teardown(self, code: int) -> None:
+        self._closed = True
+        self.context.heartbeat.discard(self)
+        self.context.consumers.discard(self)
+        for group in tuple(self.groups):
+            self.groups.discard(group)
+            try:
+                await self.layer.leave(group, self)
+            except Exception as exc:
+                logger.warning("leaving %s failed: %s", group, type(exc).__name__)
+        pump = self._pump
+        if pump is not None and pump is not asyncio.current_task():
+            await cancel_and_wait(pump)
+        self._events.clear()
+        try:
+            await self.disconnect(self.close_code or code)
+        except Exception:
+            logger.exception("disconnect hook failed")
+
+    def _offered_subprotocols(self) -> list[str]:
+        return [str(p).strip() for p in self.scope.get("subprotocols") or []]

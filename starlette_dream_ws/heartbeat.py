@@ -1,0 +1,60 @@
+"""One timer for the heartbeats of all connections of an app.
+
+A sleeping task per connection costs memory and wake-ups; instead one task ticks a few times
+per interval and asks each connection whether a ping or a timeout is due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol
+
+logger = logging.getLogger("starlette_dream_ws.heartbeat")
+
+
+class Beating(Protocol):
+    def heartbeat(self, now: float) -> None:
+        """Send a ping or close for silence if one is due at monotonic time `now`."""
+
+
+class Heartbeat:
+    """Ticks while at least one connection is registered, and stops when none is left."""
+
+    def __init__(self, interval: float, timeout: float) -> None:
+        # A quarter of the shortest period keeps pings and timeouts within 25% of their due time.
+        self.tick = max(0.02, min(interval, timeout - interval) / 4)
+        self._members: set[Beating] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def add(self, member: Beating) -> None:
+        self._members.add(member)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="dream-ws heartbeat")
+
+    def discard(self, member: Beating) -> None:
+        self._members.discard(member)
+        if not self._members and self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self) -> None:
+        while self._members:
+            await asyncio.sleep(self.tick)
+            now = time.monotonic()
+            for member in tuple(self._members):
+                try:
+                    member.heartbeat(now)
+                except Exception:
+                    logger.exception("heartbeat check failed")
+
+    async def close(self) -> None:
+        self._members.clear()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})

@@ -1,0 +1,364 @@
+"""Groups on a broadcaster backend: one backend connection and one subscription per group per
+process, with our own fan-out to the local members of each group.
+
+broadcaster's `Broadcast` gives each subscriber an unbounded queue and races when two
+subscribe to a new channel at once, so we use only its backends and do the rest here:
+members are plain objects with a non-blocking `deliver(event)`, every published message is
+decoded once per process, and a lost backend connection is re-established by the reader task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
+
+from broadcaster._backends.base import BroadcastBackend
+
+from .settings import Settings
+from .state import StateStore, create_state_store
+
+logger = logging.getLogger("starlette_dream_ws.layer")
+
+T = TypeVar("T")
+
+# Retrying cannot mend these: they are bugs or bad arguments, raised at once.
+PROGRAMMING_ERRORS = (TypeError, ValueError, KeyError, AttributeError, AssertionError, NotImplementedError)
+
+
+class Member(Protocol):
+    def deliver(self, event: dict[str, Any]) -> None:
+        """Take one event without blocking (buffer it, or drop the member if it cannot keep up)."""
+
+
+class BackendUnavailable(ConnectionError):
+    """The groups backend cannot be reached right now."""
+
+
+class PublishError(ConnectionError):
+    """A message could not be published after every retry; nothing was delivered."""
+
+
+def create_backend(url: str) -> BroadcastBackend:
+    """The backend for a URL: ours for Redis pub/sub, broadcaster's for the other schemes."""
+    scheme = urlsplit(url).scheme
+    if scheme in ("redis", "rediss"):
+        from .redis_pubsub import RedisPubSubBackend
+
+        return RedisPubSubBackend(url)
+    if scheme == "memory":
+        from broadcaster._backends.memory import MemoryBackend
+
+        return MemoryBackend(url)
+    if scheme == "redis-stream":
+        from broadcaster._backends.redis import RedisStreamBackend
+
+        return RedisStreamBackend(url)
+    if scheme in ("postgres", "postgresql"):
+        from broadcaster._backends.postgres import PostgresBackend
+
+        return PostgresBackend(url)
+    if scheme == "kafka":
+        from broadcaster._backends.kafka import KafkaBackend
+
+        return KafkaBackend(url)
+    raise ValueError(f"unsupported broadcast URL scheme: {scheme!r}")
+
+
+def encode(message: dict[str, Any]) -> str:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+class _Group:
+    __slots__ = ("members", "ready")
+
+    def __init__(self) -> None:
+        self.members: set[Member] = set()
+        self.ready = asyncio.Event()
+
+
+class GroupLayer:
+    """Publish to and listen on named groups, shared by every connection of one app.
+
+    Bound to the event loop it first connects on. `connect()` is lazy and idempotent, so an
+    app that is mounted (whose lifespan Starlette never runs) connects on first use.
+    """
+
+    def __init__(self, settings: Settings, backend_factory: Callable[[str], BroadcastBackend] = create_backend) -> None:
+        self.settings = settings
+        self._factory = backend_factory
+        self._backend: BroadcastBackend | None = None
+        self._state: StateStore | None = None
+        self._groups: dict[str, _Group] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._lock: asyncio.Lock | None = None
+        self._healthy: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        #: How many times the backend connection was re-established.
+        self.reconnects = 0
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._reader is not None and not self._reader.done()
+
+    @property
+    def healthy(self) -> bool:
+        return self.connected and self._healthy is not None and self._healthy.is_set()
+
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:
+            if self.loop is not None and not self.loop.is_closed() and self.loop.is_running():
+                raise RuntimeError("this layer is connected on another running event loop")
+            self._reset(loop)
+        assert self._lock is not None
+        if self.connected:
+            return
+        async with self._lock:
+            if self.connected:
+                return
+            backend = self._factory(self.settings.broadcast_url)
+            try:
+                await backend.connect()
+            except Exception as exc:
+                await _quietly(backend.disconnect())
+                raise BackendUnavailable(f"cannot connect to the groups backend: {type(exc).__name__}") from exc
+            self._backend = backend
+            self._state = create_state_store(self.settings.effective_state_url)
+            assert self._healthy is not None
+            self._healthy.set()
+            self._reader = loop.create_task(self._read(), name="dream-ws layer reader")
+
+    def _reset(self, loop: asyncio.AbstractEventLoop) -> None:
+        # A new loop (tests, a restarted server): state of the old loop cannot be reused.
+        self.loop = loop
+        self._backend = None
+        self._state = None
+        self._reader = None
+        self._groups = {}
+        self._lock = asyncio.Lock()
+        self._healthy = asyncio.Event()
+
+    async def disconnect(self) -> None:
+        """Stop listening and close the backend; members are dropped."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await cancel_and_wait(reader)
+        self._groups.clear()
+        if self._healthy is not None:
+            self._healthy.clear()
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            await _quietly(backend.disconnect())
+        state, self._state = self._state, None
+        if state is not None:
+            await _quietly(state.close())
+
+    # -- groups -----------------------------------------------------------------------------
+
+    def local_members(self, group: str) -> int:
+        entry = self._groups.get(group)
+        return len(entry.members) if entry is not None else 0
+
+    async def join(self, group: str, member: Member) -> None:
+        """Add `member` to `group`; once this returns, every later publish reaches it."""
+        await self.connect()
+        entry = self._groups.get(group)
+        if entry is not None:
+            entry.members.add(member)
+            await entry.ready.wait()
+            return
+        entry = self._groups[group] = _Group()
+        entry.members.add(member)
+        try:
+            await self._wait_healthy()
+            assert self._lock is not None
+            async with self._lock:
+                backend = self._backend
+                assert backend is not None
+                await backend.subscribe(group)
+        except BaseException:
+            entry.members.discard(member)
+            if self._groups.get(group) is entry:
+                del self._groups[group]
+            # Joiners waiting on this entry must not hang: wake them, they find they are out.
+            entry.ready.set()
+            raise
+        entry.ready.set()
+        if member not in entry.members:
+            # Left while subscribing.
+            await self._unsubscribe_if_empty(group, entry)
+
+    async def leave(self, group: str, member: Member) -> None:
+        entry = self._groups.get(group)
+        if entry is None or member not in entry.members:
+            return
+        entry.members.discard(member)
+        if entry.ready.is_set():
+            await self._unsubscribe_if_empty(group, entry)
+
+    async def _unsubscribe_if_empty(self, group: str, entry: _Group) -> None:
+        if entry.members or self._groups.get(group) is not entry:
+            return
+        del self._groups[group]
+        if not self.healthy:
+            return  # the reconnect will not subscribe it again
+        assert self._lock is not None
+        async with self._lock:
+            if group in self._groups or self._backend is None:
+                return  # somebody joined again meanwhile and subscribed anew
+            try:
+                await self._backend.unsubscribe(group)
+            except Exception as exc:
+                logger.warning("unsubscribe from %s failed: %s", group, type(exc).__name__)
+
+    def _fan_out(self, group: str, event: dict[str, Any]) -> None:
+        entry = self._groups.get(group)
+        if entry is None:
+            return
+        for member in tuple(entry.members):
+            try:
+                member.deliver(event)
+            except Exception:
+                logger.exception("delivering to a member of %s failed", group)
+
+    # -- publishing -------------------------------------------------------------------------
+
+    async def publish(self, group: str, message: dict[str, Any], *, remember: bool = False) -> None:
+        """Send `message` to every member of `group` in every process, retrying with backoff.
+
+        With `remember`, the message is also kept as the group's latest state (for
+        `state_ttl` seconds). Raises `PublishError` once every retry has failed.
+        """
+        text = encode(message)
+
+        async def attempt() -> None:
+            await self.connect()
+            if remember:
+                assert self._state is not None
+                await self._state.remember(group, text, self.settings.state_ttl)
+            assert self._backend is not None
+            await self._backend.publish(group, text)
+
+        await self.retrying(attempt, what=f"publish to {group}")
+
+    async def latest(self, group: str) -> dict[str, Any] | None:
+        """The group's latest remembered message, or None."""
+
+        async def read() -> str | None:
+            await self.connect()
+            assert self._state is not None
+            return await self._state.latest(group)
+
+        text = await asyncio.wait_for(read(), self.settings.publish_timeout)
+        if text is None:
+            return None
+        value = json.loads(text)
+        return value if isinstance(value, dict) else None
+
+    async def retrying(self, operation: Callable[[], Awaitable[T]], *, what: str) -> T:
+        """Run `operation` with a timeout per attempt and bounded, jittered exponential backoff."""
+        settings = self.settings
+        delay = settings.publish_backoff
+        attempts = settings.publish_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return await asyncio.wait_for(operation(), settings.publish_timeout)
+            except PROGRAMMING_ERRORS:
+                raise
+            except Exception as exc:
+                if attempt == attempts:
+                    raise PublishError(f"{what} failed after {attempts} attempts: {type(exc).__name__}") from exc
+                logger.warning(
+                    "%s failed (%s), attempt %d of %d; retrying in %.2fs",
+                    what,
+                    type(exc).__name__,
+                    attempt,
+                    attempts,
+                    delay,
+                )
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, settings.publish_backoff_max)
+        raise AssertionError("unreachable")
+
+    # -- the reader -------------------------------------------------------------------------
+
+    async def _wait_healthy(self) -> None:
+        assert self._healthy is not None
+        if self._healthy.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._healthy.wait(), self.settings.publish_timeout)
+        except asyncio.TimeoutError:
+            raise BackendUnavailable("the groups backend is reconnecting") from None
+
+    async def _read(self) -> None:
+        while True:
+            backend = self._backend
+            assert backend is not None
+            try:
+                event = await backend.next_published()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("groups backend connection lost (%s); reconnecting", type(exc).__name__)
+                await self._reconnect()
+                continue
+            try:
+                decoded = json.loads(event.message)
+            except ValueError:
+                logger.warning("dropped a message on %s that is not JSON", event.channel)
+                continue
+            if isinstance(decoded, dict) and isinstance(decoded.get("type"), str):
+                self._fan_out(event.channel, decoded)
+            else:
+                logger.warning("dropped a message on %s without a string 'type'", event.channel)
+
+    async def _reconnect(self) -> None:
+        assert self._healthy is not None and self._lock is not None
+        self._healthy.clear()
+        delay = self.settings.reconnect_backoff
+        async with self._lock:
+            old, self._backend = self._backend, None
+            if old is not None:
+                await _quietly(old.disconnect())
+            while True:
+                backend = self._factory(self.settings.broadcast_url)
+                try:
+                    await backend.connect()
+                    for group in list(self._groups):
+                        await backend.subscribe(group)
+                except asyncio.CancelledError:
+                    await _quietly(backend.disconnect())
+                    raise
+                except Exception as exc:
+                    await _quietly(backend.disconnect())
+                    logger.info("groups backend still unreachable (%s); next try in %.1fs", type(exc).__name__, delay)
+                    await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                    delay = min(delay * 2, 5.0)
+                    continue
+                self._backend = backend
+                break
+        self.reconnects += 1
+        self._healthy.set()
+        logger.warning("groups backend reconnected; %d groups subscribed again", len(self._groups))
+
+
+async def _quietly(awaitable: Awaitable[Any]) -> None:
+    """Await clean-up whose failure must not hide what is being handled."""
+    try:
+        await awaitable
+    except Exception as exc:
+        logger.debug("ignored during clean-up: %s", type(exc).__name__)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel a task we own and wait until it has ended, without raising its outcome."""
+    task.cancel()
+    await asyncio.wait({task})

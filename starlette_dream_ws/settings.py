@@ -1,0 +1,167 @@
+"""Every setting of the component: keyword arguments, `DREAM_WS_*` variables, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "DREAM_WS_"
+
+# Algorithms PyJWT verifies. "none" is deliberately absent: it can never be allowed.
+SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+# Schemes with a working groups backend; `redis-stream`, `postgres` and `kafka` are
+# broadcaster's own, see layer.create_backend.
+BROADCAST_SCHEMES = frozenset({"memory", "redis", "rediss", "redis-stream", "postgres", "postgresql", "kafka"})
+STATE_SCHEMES = frozenset({"memory", "redis", "rediss"})
+
+
+class ConfigurationError(ValueError):
+    """A setting is missing or invalid; raised at construction, before anything runs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Configuration of one app (and of the producers in a process).
+
+    Build it with `Settings.from_env(**overrides)`: keywords win over `DREAM_WS_<NAME>`
+    variables, which win over the defaults below.
+    """
+
+    #: Groups backend: `memory://` (one process) or `redis://host:6379/0` (many processes).
+    broadcast_url: str = "memory://"
+    #: Where the latest state of each group is kept for `request_status`; defaults to
+    #: `broadcast_url` when that is memory or Redis.
+    state_url: str | None = None
+    #: Seconds the latest state of a dream is kept after its last update.
+    state_ttl: float = 86400.0
+
+    jwt_secret: str | None = None
+    #: PEM public key for RS*/PS*/ES*/EdDSA tokens.
+    jwt_public_key: str | None = None
+    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway: float = 0.0
+    jwt_user_claim: str = "sub"
+    jwt_require_exp: bool = True
+
+    heartbeat_interval: float = 30.0
+    #: Silence after which a connection is closed with 4408; default 2 x interval.
+    heartbeat_timeout: float | None = None
+
+    #: Events waiting to be sent to one connection; past this the client is too slow (1013).
+    max_pending_events: int = 1000
+    #: Largest client frame accepted, in bytes (1009 past it).
+    max_message_size: int = 64 * 1024
+
+    #: Publish attempts after the first one, and their backoff (seconds, doubling, capped).
+    publish_retries: int = 8
+    publish_backoff: float = 0.1
+    publish_backoff_max: float = 2.0
+    #: Seconds one publish attempt may take.
+    publish_timeout: float = 5.0
+
+    #: Seconds between reconnect attempts to a lost backend (doubling up to 5 s).
+    reconnect_backoff: float = 0.1
+
+    def __post_init__(self) -> None:
+        scheme = urlsplit(self.broadcast_url).scheme
+        if scheme not in BROADCAST_SCHEMES:
+            raise ConfigurationError(
+                f"broadcast_url scheme {scheme!r} is not supported; use one of {sorted(BROADCAST_SCHEMES)}"
+            )
+        state_scheme = urlsplit(self.effective_state_url).scheme
+        if state_scheme not in STATE_SCHEMES:
+            raise ConfigurationError(
+                f"the latest-state store needs a memory:// or redis:// URL, got {state_scheme!r}: "
+                "set state_url (DREAM_WS_STATE_URL) to a Redis URL"
+            )
+        if (state_scheme == "memory") != (scheme == "memory"):
+            raise ConfigurationError("memory:// works in one process only: use it for both broadcast_url and state_url")
+        algorithms = set(self.jwt_algorithms)
+        if not algorithms:
+            raise ConfigurationError("jwt_algorithms must name at least one algorithm")
+        unknown = algorithms - SYMMETRIC_ALGORITHMS - ASYMMETRIC_ALGORITHMS
+        if unknown:
+            raise ConfigurationError(f"jwt_algorithms has algorithms that are not allowed: {sorted(unknown)}")
+        if algorithms & SYMMETRIC_ALGORITHMS and algorithms & ASYMMETRIC_ALGORITHMS:
+            # One key for both families is the classic key-confusion attack.
+            raise ConfigurationError("jwt_algorithms must not mix HMAC (HS*) and public-key algorithms")
+        for name in ("heartbeat_interval", "state_ttl", "publish_timeout", "publish_backoff", "reconnect_backoff"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"{name} must be positive")
+        if self.heartbeat_timeout is not None and self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ConfigurationError("heartbeat_timeout must be longer than heartbeat_interval")
+        if self.max_pending_events < 1 or self.max_message_size < 1 or self.publish_retries < 0:
+            raise ConfigurationError("max_pending_events, max_message_size must be >= 1 and publish_retries >= 0")
+
+    @property
+    def effective_state_url(self) -> str:
+        if self.state_url:
+            return self.state_url
+        return self.broadcast_url
+
+    @property
+    def effective_heartbeat_timeout(self) -> float:
+        return self.heartbeat_timeout if self.heartbeat_timeout is not None else 2 * self.heartbeat_interval
+
+    @property
+    def jwt_key(self) -> str:
+        """The verification key for the configured algorithm family."""
+        if set(self.jwt_algorithms) & ASYMMETRIC_ALGORITHMS:
+            if not self.jwt_public_key:
+                raise ConfigurationError("jwt_public_key (DREAM_WS_JWT_PUBLIC_KEY) is required for public-key algorithms")
+            return self.jwt_public_key
+        if not self.jwt_secret:
+            raise ConfigurationError("jwt_secret (DREAM_WS_JWT_SECRET) is required for HS* algorithms")
+        return self.jwt_secret
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read `DREAM_WS_<NAME>` variables, then apply keyword overrides."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + field.name.upper())
+            if raw is not None and raw != "":
+                values[field.name] = _parse(field.name, str(field.type), raw)
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigurationError(f"unknown settings: {sorted(unknown)}")
+        values.update(overrides)
+        if isinstance(values.get("jwt_algorithms"), str):
+            values["jwt_algorithms"] = _split(values["jwt_algorithms"])
+        elif "jwt_algorithms" in values:
+            values["jwt_algorithms"] = tuple(values["jwt_algorithms"])
+        return cls(**values)
+
+
+def _split(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _parse(name: str, annotation: str, raw: str) -> Any:
+    try:
+        if annotation.startswith("bool"):
+            if raw.lower() in {"1", "true", "yes", "on"}:
+                return True
+            if raw.lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if annotation.startswith("int"):
+            return int(raw)
+        if annotation.startswith("float"):
+            return float(raw)
+        if annotation.startswith("tuple"):
+            return _split(raw)
+    except ValueError:
+        # Never echo the value: it may be a secret.
+        raise ConfigurationError(f"{ENV_PREFIX}{name.upper()} is not a valid {annotation}") from None
+    return raw
