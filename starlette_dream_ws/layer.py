@@ -27,6 +27,8 @@ logger = logging.getLogger("starlette_dream_ws.layer")
 T = TypeVar("T")
 
 # Retrying cannot mend these: they are bugs or bad arguments, raised at once.
+MAX_RECONNECT_DELAY = 2.0
+
 PROGRAMMING_ERRORS = (TypeError, ValueError, KeyError, AttributeError, AssertionError, NotImplementedError)
 
 
@@ -95,6 +97,7 @@ class GroupLayer:
         self._state: StateStore | None = None
         self._groups: dict[str, _Group] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._resubscriber: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
         self._healthy: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -141,6 +144,7 @@ class GroupLayer:
         self._backend = None
         self._state = None
         self._reader = None
+        self._resubscriber = None
         self._groups = {}
         self._lock = asyncio.Lock()
         self._healthy = asyncio.Event()
@@ -299,30 +303,39 @@ class GroupLayer:
             raise BackendUnavailable("the groups backend is reconnecting") from None
 
     async def _read(self) -> None:
-        while True:
-            backend = self._backend
-            assert backend is not None
-            try:
-                event = await backend.next_published()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.warning("groups backend connection lost (%s); reconnecting", type(exc).__name__)
-                await self._reconnect()
-                continue
-            try:
-                decoded = json.loads(event.message)
-            except ValueError:
-                logger.warning("dropped a message on %s that is not JSON", event.channel)
-                continue
-            if isinstance(decoded, dict) and isinstance(decoded.get("type"), str):
-                self._fan_out(event.channel, decoded)
-            else:
-                logger.warning("dropped a message on %s without a string 'type'", event.channel)
+        try:
+            while True:
+                backend = self._backend
+                assert backend is not None
+                try:
+                    event = await backend.next_published()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    logger.warning("groups backend connection lost (%s); reconnecting", type(exc).__name__)
+                    await self._reconnect()
+                    continue
+                try:
+                    decoded = json.loads(event.message)
+                except ValueError:
+                    logger.warning("dropped a message on %s that is not JSON", event.channel)
+                    continue
+                if isinstance(decoded, dict) and isinstance(decoded.get("type"), str):
+                    self._fan_out(event.channel, decoded)
+                else:
+                    logger.warning("dropped a message on %s without a string 'type'", event.channel)
+        finally:
+            if self._resubscriber is not None:
+                await cancel_and_wait(self._resubscriber)
+                self._resubscriber = None
 
     async def _reconnect(self) -> None:
+        """Replace the lost backend connection, retrying with backoff until it is back."""
         assert self._healthy is not None and self._lock is not None
         self._healthy.clear()
+        if self._resubscriber is not None:
+            await cancel_and_wait(self._resubscriber)
+            self._resubscriber = None
         delay = self.settings.reconnect_backoff
         async with self._lock:
             old, self._backend = self._backend, None
@@ -332,19 +345,30 @@ class GroupLayer:
                 backend = self._factory(self.settings.broadcast_url)
                 try:
                     await backend.connect()
-                    for group in list(self._groups):
-                        await backend.subscribe(group)
-                except asyncio.CancelledError:
-                    await _quietly(backend.disconnect())
-                    raise
                 except Exception as exc:
                     await _quietly(backend.disconnect())
                     logger.info("groups backend still unreachable (%s); next try in %.1fs", type(exc).__name__, delay)
                     await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                    delay = min(delay * 2, 5.0)
+                    delay = min(delay * 2, MAX_RECONNECT_DELAY)
                     continue
                 self._backend = backend
                 break
+        # Subscribing again waits for confirmations that only this reader can read, so it runs
+        # beside the reader rather than in it.
+        assert self.loop is not None
+        self._resubscriber = self.loop.create_task(self._resubscribe(), name="dream-ws layer resubscribe")
+
+    async def _resubscribe(self) -> None:
+        assert self._healthy is not None and self._lock is not None
+        try:
+            async with self._lock:
+                assert self._backend is not None
+                for group in list(self._groups):
+                    await self._backend.subscribe(group)
+        except Exception as exc:
+            # The reader sees the same failure on the connection and reconnects again.
+            logger.warning("subscribing again failed (%s)", type(exc).__name__)
+            return
         self.reconnects += 1
         self._healthy.set()
         logger.warning("groups backend reconnected; %d groups subscribed again", len(self._groups))
