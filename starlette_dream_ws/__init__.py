@@ -1,7 +1,14 @@
 """Real-time dream image status over WebSockets, for any Starlette, FastAPI or ASGI app."""
 
 from .app import ConsumerApp, DreamWebSocketApp
-from .auth import SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX, AuthenticationFailed, Authorizer, User, allow_any_authenticated_user
+from .auth import (
+    SUBPROTOCOL,
+    TOKEN_SUBPROTOCOL_PREFIX,
+    AuthenticationFailed,
+    Authorizer,
+    User,
+    allow_any_authenticated_user,
+)
 from .consumer import CloseCodes, CloseConnection, Consumer, ConsumerContext
 from .dreams import DreamImagesConsumer, ImageStatus, dream_group, image_update_message
 from .layer import BackendUnavailable, GroupLayer, PublishError

@@ -90,18 +90,16 @@ class ConsumerApp:
     async def close(self, code: int = CloseCodes.GOING_AWAY) -> None:
         """Close every connection with `code`, stop the heartbeat, disconnect the layer."""
         consumers = list(self.context.consumers)
-        for consumer in consumers:
-            consumer.close_soon(CloseConnection(code))
         if consumers:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._all_closed(), SHUTDOWN_TIMEOUT)
+            drained = self.context.drained = asyncio.Event()
+            for consumer in consumers:
+                consumer.close_soon(CloseConnection(code))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(drained.wait(), SHUTDOWN_TIMEOUT)
+            self.context.drained = None
         await self.heartbeat.close()
         unregister_app_layer(self.layer)
         await self.layer.disconnect()
-
-    async def _all_closed(self) -> None:
-        while self.context.consumers:
-            await asyncio.sleep(0.01)
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -136,10 +134,9 @@ class _ConsumerEndpoint:
         self.consumer_class = consumer_class
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
+        # If the backend is down, the consumer closes with 1013 when it joins its group.
+        with contextlib.suppress(BackendUnavailable):
             await self.app.start()
-        except BackendUnavailable:
-            pass  # the consumer closes with 1013 when it tries to join a group
         await self.consumer_class(scope, receive, send, self.app.context).run()
 
 

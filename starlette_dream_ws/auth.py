@@ -104,7 +104,7 @@ class TokenVerifier:
             required.append("aud")
         if settings.jwt_issuer is not None:
             required.append("iss")
-        self._options: dict[str, Any] = {"require": required}
+        self._options: jwt.types.Options = {"require": required}
 
     def verify(self, token: str | None) -> User:
         if not token:

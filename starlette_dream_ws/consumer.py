@@ -37,6 +37,7 @@ logger = logging.getLogger("starlette_dream_ws.consumer")
 
 _TYPE_NAME = re.compile(r"[a-z][a-z0-9_.]{0,63}")
 _PING = {"type": "ping"}
+STOP_READING = "dream-ws: closed by the server"
 
 
 class CloseCodes:
@@ -74,6 +75,13 @@ class ConsumerContext:
     authorize: Callable[..., bool | Awaitable[bool]] | None = None
     #: Open consumers, so the app can close them on shutdown.
     consumers: set[Consumer] = dataclasses.field(default_factory=set)
+    #: Set when the last consumer has ended, while the app is shutting down.
+    drained: asyncio.Event | None = None
+
+    def remove(self, consumer: Consumer) -> None:
+        self.consumers.discard(consumer)
+        if not self.consumers and self.drained is not None:
+            self.drained.set()
 
 
 class Consumer:
@@ -100,6 +108,8 @@ class Consumer:
         self._accepted_subprotocol: str | None = None
         self._events: deque[dict[str, Any]] = deque()
         self._pump: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[Any] | None = None
+        self._waiting_for_client = False
         self._pending_close: CloseConnection | None = None
         self._last_seen = time.monotonic()
         self._next_ping = self._last_seen + self.settings.heartbeat_interval
@@ -189,7 +199,7 @@ class Consumer:
         try:
             await self.layer.join(group, self)
         except BackendUnavailable:
-            raise CloseConnection(CloseCodes.TRY_AGAIN_LATER, "unavailable", "updates are unavailable, retry later") from None
+            raise CloseConnection(CloseCodes.TRY_AGAIN_LATER, "unavailable", "updates are unavailable now") from None
         self.groups.add(group)
 
     async def group_discard(self, group: str) -> None:
@@ -232,6 +242,7 @@ class Consumer:
                     await self._dispatch_event(event)
             if self._pending_close is not None:
                 await self._close_with(self._pending_close)
+                self._stop_reading()
         finally:
             self._pump = None
 
@@ -246,6 +257,7 @@ class Consumer:
             await handler(event)
         except CloseConnection as exc:
             await self._close_with(exc)
+            self._stop_reading()
         except Exception:
             logger.exception("handler for group event %r failed", kind[:64])
 
@@ -302,10 +314,27 @@ class Consumer:
         finally:
             await self._teardown(code)
 
+    def _stop_reading(self) -> None:
+        # After we closed, ASGI servers deliver `websocket.disconnect` once the client answers;
+        # a client that never does must not keep the connection's task alive.
+        if self._reader is not None and self._waiting_for_client:
+            self._reader.cancel(STOP_READING)
+
     async def _read(self) -> int:
         limit = self.settings.max_message_size
+        self._reader = asyncio.current_task()
         while True:
-            message = await self._receive()
+            self._waiting_for_client = True
+            try:
+                message = await self._receive()
+            except asyncio.CancelledError as exc:
+                if exc.args != (STOP_READING,):
+                    raise
+                assert self._reader is not None
+                self._reader.uncancel()
+                return self.close_code or CloseCodes.NORMAL
+            finally:
+                self._waiting_for_client = False
             if message["type"] == "websocket.disconnect":
                 return int(message.get("code") or CloseCodes.NORMAL)
             self._last_seen = time.monotonic()
@@ -313,11 +342,11 @@ class Consumer:
             if text is None:
                 data = message.get("bytes") or b""
                 if len(data) > limit:
-                    raise CloseConnection(CloseCodes.MESSAGE_TOO_BIG, "message_too_big", f"frames are limited to {limit} bytes")
+                    raise self._too_big(limit)
                 await self.send_error("binary_not_supported", "send JSON text frames")
                 continue
             if len(text) > limit or len(text.encode()) > limit:
-                raise CloseConnection(CloseCodes.MESSAGE_TOO_BIG, "message_too_big", f"frames are limited to {limit} bytes")
+                raise self._too_big(limit)
             try:
                 content = json.loads(text)
             except (ValueError, RecursionError):
@@ -336,6 +365,10 @@ class Consumer:
             if self._close_sent:
                 return self.close_code or CloseCodes.NORMAL
 
+    @staticmethod
+    def _too_big(limit: int) -> CloseConnection:
+        return CloseConnection(CloseCodes.MESSAGE_TOO_BIG, "message_too_big", f"frames are limited to {limit} bytes")
+
     async def _close_with(self, reason: CloseConnection) -> None:
         if not self._accepted:
             try:
@@ -349,7 +382,7 @@ class Consumer:
     async def _teardown(self, code: int) -> None:
         self._closed = True
         self.context.heartbeat.discard(self)
-        self.context.consumers.discard(self)
+        self.context.remove(self)
         for group in tuple(self.groups):
             self.groups.discard(group)
             try:

@@ -299,7 +299,7 @@ class GroupLayer:
             return
         try:
             await asyncio.wait_for(self._healthy.wait(), self.settings.publish_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise BackendUnavailable("the groups backend is reconnecting") from None
 
     async def _read(self) -> None:

@@ -117,7 +117,7 @@ class Settings:
         """The verification key for the configured algorithm family."""
         if set(self.jwt_algorithms) & ASYMMETRIC_ALGORITHMS:
             if not self.jwt_public_key:
-                raise ConfigurationError("jwt_public_key (DREAM_WS_JWT_PUBLIC_KEY) is required for public-key algorithms")
+                raise ConfigurationError("public-key algorithms need jwt_public_key (DREAM_WS_JWT_PUBLIC_KEY)")
             return self.jwt_public_key
         if not self.jwt_secret:
             raise ConfigurationError("jwt_secret (DREAM_WS_JWT_SECRET) is required for HS* algorithms")

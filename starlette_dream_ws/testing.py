@@ -139,13 +139,14 @@ class ConsumerTestClient:
                 headers["Authorization"] = f"Bearer {token}"
             else:
                 subprotocols = [SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX + token]
-        async with aconnect_ws(
+        connecting: contextlib.AbstractAsyncContextManager[AsyncWebSocketSession] = aconnect_ws(
             url,
             self.http,
             headers=headers,
             subprotocols=subprotocols or None,
             keepalive_ping_interval_seconds=None,
-        ) as session:
+        )
+        async with connecting as session:
             yield ClientConnection(session)
 
     async def publish(self, group: str, event: dict[str, Any], *, remember: bool = False) -> None:

@@ -1,1 +1,354 @@
-// placeholder
+// dream-ws.js: the browser client of starlette_dream_ws (wire protocol v1). No dependencies.
+//
+//   import { DreamSocket } from '/ws/dream-ws.js';
+//   const socket = new DreamSocket({ dreamId: 42, getToken: fetchToken });
+//   socket.on('image_update', (update) => render(update));
+//   socket.on('state', ({ state }) => showConnection(state));
+
+const SUBPROTOCOL = 'dream-ws.v1';
+const TOKEN_PREFIX = 'dream-ws.bearer.';
+const UNAUTHENTICATED = 4401;
+const FORBIDDEN = 4403;
+const HEARTBEAT_TIMEOUT = 4408;
+
+/** @typedef {'connecting' | 'open' | 'reconnecting' | 'closed' | 'auth_failed'} ConnectionState */
+
+/**
+ * A server message: always a string `type`, other fields as the protocol says.
+ * @typedef {{ type: string, [field: string]: any }} Message
+ */
+
+/**
+ * The `error` message (`code` is machine-readable).
+ * @typedef {{ type: 'error', code: string, message: string }} ErrorMessage
+ */
+
+/**
+ * What a `state` listener gets. `code`/`reason` are those of the close that caused the change;
+ * `attempt` and `delay` (ms) describe a scheduled reconnect; `error` is the server's last
+ * `error` message (why authentication failed).
+ * @typedef {{ state: ConnectionState, code?: number, reason?: string, attempt?: number,
+ *   delay?: number, error?: ErrorMessage | null }} StateChange
+ */
+
+/**
+ * @typedef {Object} DreamSocketOptions
+ * @property {number | string} dreamId The dream to watch.
+ * @property {string} [url] WebSocket base where the app is mounted, e.g. `wss://example.com/ws`.
+ *   Default: the folder this module was loaded from (`/ws/dream-ws.js` -> `/ws`), else `/ws` on
+ *   the page's host.
+ * @property {string} [token] A JWT. Sent in the subprotocol list, never in the URL.
+ * @property {() => string | Promise<string>} [getToken] Returns a (fresh) JWT; called before each
+ *   reconnect, and allows one retry after a 4401 close.
+ * @property {number} [heartbeatInterval=30000] ms between pings until the server announces its own.
+ * @property {number} [connectTimeout=10000] ms a handshake may take before the attempt is dropped.
+ * @property {number} [backoffBase=500] ms, the first reconnect delay ceiling.
+ * @property {number} [backoffMax=15000] ms, the largest reconnect delay.
+ * @property {number} [stableAfter=10000] ms a connection must last for the backoff to start over.
+ * @property {boolean} [autoConnect=true] Connect right away (after the current task, so that
+ *   listeners added just after `new` see every event).
+ * @property {typeof WebSocket} [WebSocket] WebSocket implementation (tests, non-browser hosts).
+ */
+
+/** @returns {string} */
+function defaultBaseUrl() {
+  // The app serves this file at `<mount>/dream-ws.js`, so its folder is the mount point.
+  const here = new URL(import.meta.url);
+  if (/^https?:$/.test(here.protocol) && here.pathname.endsWith('/dream-ws.js')) {
+    const scheme = here.protocol === 'https:' ? 'wss:' : 'ws:';
+    return `${scheme}//${here.host}${here.pathname.slice(0, -'/dream-ws.js'.length)}`;
+  }
+  const page = globalThis.location;
+  if (!page) throw new TypeError('DreamSocket: options.url is required outside a page');
+  return `${page.protocol === 'https:' ? 'wss:' : 'ws:'}//${page.host}/ws`;
+}
+
+/** @param {unknown} error */
+function report(error) {
+  // A failing listener must not break the connection, nor go unnoticed.
+  const reportError = /** @type {any} */ (globalThis).reportError;
+  if (typeof reportError === 'function') reportError(error);
+  else console.error(error);
+}
+
+/** Live updates of one dream, over one WebSocket that keeps itself connected. */
+export class DreamSocket {
+  /** @param {DreamSocketOptions} options */
+  constructor(options) {
+    if (options?.dreamId == null) throw new TypeError('DreamSocket: dreamId is required');
+    if (!options.token && !options.getToken) throw new TypeError('DreamSocket: token or getToken is required');
+    this.options = {
+      heartbeatInterval: 30000,
+      connectTimeout: 10000,
+      backoffBase: 500,
+      backoffMax: 15000,
+      stableAfter: 10000,
+      ...options,
+    };
+    /** @readonly */
+    this.dreamId = options.dreamId;
+    /** @readonly */
+    this.url = `${(options.url ?? defaultBaseUrl()).replace(/\/+$/, '')}/dreams/${encodeURIComponent(String(options.dreamId))}`;
+    /** @type {ConnectionState} */
+    this.state = 'closed';
+    /** @type {Message | null} The latest `image_update`. */
+    this.lastUpdate = null;
+    /** @type {ErrorMessage | null} The latest `error` from the server (status_unknown excepted). */
+    this.lastError = null;
+
+    /** @type {Map<string, Set<(event: any) => void>>} */
+    this._listeners = new Map();
+    /** @type {WebSocket | null} */
+    this._ws = null;
+    this._run = 0; // bumped by close(): a connect still awaiting getToken() then gives up
+    this._stopped = true;
+    this._attempt = 0; // failed connections in a row: the backoff exponent
+    this._authRetried = false;
+    this._openedAt = 0;
+    this._interval = 0; // the server's heartbeat interval in ms, once known
+    /** @type {any} */ this._retryTimer = null;
+    /** @type {any} */ this._pingTimer = null;
+    /** @type {any} */ this._watchdog = null;
+    this._resumeOnShow = false;
+
+    // Closing on pagehide says goodbye cleanly and lets the page into the back/forward cache
+    // (an open WebSocket keeps it out); a page restored from that cache connects again.
+    this._onPageHide = () => {
+      if (this._stopped) return;
+      this._resumeOnShow = true;
+      this._stop();
+    };
+    /** @param {any} event */
+    this._onPageShow = (event) => {
+      if (event.persisted && this._resumeOnShow) this.connect();
+    };
+
+    if (options.autoConnect !== false) queueMicrotask(() => this.connect());
+  }
+
+  /**
+   * Listen to `state`, `message` (every server message), or one message type:
+   * `connection_established`, `image_update`, `error`, `pong`, ... Returns a function that
+   * removes the listener.
+   * @param {string} type
+   * @param {(event: any) => void} callback
+   * @returns {() => void}
+   */
+  on(type, callback) {
+    let callbacks = this._listeners.get(type);
+    if (!callbacks) this._listeners.set(type, (callbacks = new Set()));
+    callbacks.add(callback);
+    return () => this.off(type, callback);
+  }
+
+  /**
+   * @param {string} type
+   * @param {(event: any) => void} callback
+   */
+  off(type, callback) {
+    this._listeners.get(type)?.delete(callback);
+  }
+
+  /** Start connecting (done by the constructor unless `autoConnect: false`); idempotent. */
+  connect() {
+    if (!this._stopped) return;
+    this._stopped = false;
+    this._resumeOnShow = false;
+    globalThis.addEventListener?.('pagehide', this._onPageHide);
+    globalThis.addEventListener?.('pageshow', this._onPageShow);
+    this._attempt = 0;
+    this._authRetried = false;
+    this._open('connecting');
+  }
+
+  /** Close with 1000 and stop reconnecting. `connect()` starts again. */
+  close() {
+    this._resumeOnShow = false;
+    globalThis.removeEventListener?.('pagehide', this._onPageHide);
+    globalThis.removeEventListener?.('pageshow', this._onPageShow);
+    this._stop();
+  }
+
+  /**
+   * Send one message; false when not connected (nothing is queued: state is re-synced on connect).
+   * @param {Message} message
+   * @returns {boolean}
+   */
+  send(message) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== 1) return false;
+    ws.send(JSON.stringify(message));
+    return true;
+  }
+
+  /** Ask for the dream's latest state (answered by an `image_update`); done on every connect. */
+  requestStatus() {
+    return this.send({ type: 'request_status' });
+  }
+
+  // -- internals ---------------------------------------------------------------------------
+
+  /** @param {ConnectionState} state */
+  async _open(state) {
+    const run = this._run;
+    if (state === 'connecting') this._setState({ state });
+    let token = this.options.token;
+    if (this.options.getToken && (state !== 'connecting' || !token)) {
+      try {
+        token = await this.options.getToken();
+      } catch (error) {
+        if (run !== this._run) return;
+        this._emit('error', { type: 'error', code: 'token_unavailable', message: String(/** @type {any} */ (error)?.message ?? error) });
+        this._scheduleReconnect({});
+        return;
+      }
+    }
+    if (run !== this._run) return; // closed while waiting for the token
+    const WS = this.options.WebSocket ?? globalThis.WebSocket;
+    // The token travels as a subprotocol, which keeps it out of URLs and access logs; the
+    // server selects only `dream-ws.v1`, never echoing the token.
+    const ws = new WS(this.url, token ? [SUBPROTOCOL, TOKEN_PREFIX + token] : [SUBPROTOCOL]);
+    this._ws = ws;
+    ws.onmessage = (event) => {
+      if (this._ws === ws) this._onMessage(event.data);
+    };
+    ws.onclose = (event) => {
+      if (this._ws === ws) this._onClose(event.code, event.reason);
+    };
+    ws.onerror = () => {}; // a close event always follows, and says more
+    this._armWatchdog();
+  }
+
+  /** @param {unknown} data */
+  _onMessage(data) {
+    this._armWatchdog(); // any frame shows the connection is alive
+    let message;
+    try {
+      message = JSON.parse(String(data));
+    } catch {
+      return;
+    }
+    if (!message || typeof message.type !== 'string') return;
+    let quiet = false;
+    switch (message.type) {
+      case 'connection_established':
+        this._openedAt = Date.now();
+        this._authRetried = false;
+        this.lastError = null;
+        this._interval = Number(message.heartbeat_interval) * 1000 || this.options.heartbeatInterval;
+        clearInterval(this._pingTimer);
+        this._pingTimer = setInterval(() => this.send({ type: 'ping', timestamp: Date.now() / 1000 }), this._interval);
+        this._armWatchdog();
+        this._setState({ state: 'open' });
+        this.requestStatus(); // catch up on whatever happened while we were away
+        break;
+      case 'ping':
+        this.send('timestamp' in message ? { type: 'pong', timestamp: message.timestamp } : { type: 'pong' });
+        break;
+      case 'image_update':
+        this.lastUpdate = message;
+        break;
+      case 'error':
+        // The answer to request_status for a dream with no update yet: nothing went wrong.
+        quiet = message.code === 'status_unknown';
+        if (!quiet) this.lastError = message;
+        break;
+    }
+    this._emit('message', message);
+    if (!quiet) this._emit(message.type, message);
+  }
+
+  /**
+   * @param {number} code
+   * @param {string} reason
+   */
+  _onClose(code, reason) {
+    this._dropSocket();
+    if (this._stopped) return;
+    if (code === UNAUTHENTICATED || code === FORBIDDEN) {
+      // Retrying cannot mend a refusal, except an expired token that getToken() can renew.
+      if (code === UNAUTHENTICATED && this.options.getToken && !this._authRetried) {
+        this._authRetried = true;
+        this._scheduleReconnect({ code, reason }, 0);
+        return;
+      }
+      this._stopped = true;
+      this._setState({ state: 'auth_failed', code, reason, error: this.lastError });
+      return;
+    }
+    this._scheduleReconnect({ code, reason });
+  }
+
+  /**
+   * @param {{ code?: number, reason?: string }} cause
+   * @param {number} [delay] ms; default: capped exponential backoff with full jitter
+   */
+  _scheduleReconnect(cause, delay) {
+    if (this._openedAt && Date.now() - this._openedAt >= this.options.stableAfter) this._attempt = 0;
+    this._openedAt = 0;
+    const ceiling = Math.min(this.options.backoffMax, this.options.backoffBase * 2 ** this._attempt);
+    // Full jitter: clients dropped together (a server restart) come back spread out.
+    const wait = delay ?? Math.random() * ceiling;
+    this._attempt = Math.min(this._attempt + 1, 30);
+    this._setState({ state: 'reconnecting', ...cause, attempt: this._attempt, delay: Math.round(wait) });
+    clearTimeout(this._retryTimer);
+    this._retryTimer = setTimeout(() => {
+      this._retryTimer = null;
+      this._open('reconnecting');
+    }, wait);
+  }
+
+  _armWatchdog() {
+    clearTimeout(this._watchdog);
+    // The server pings every interval, so two intervals of silence mean a dead connection
+    // (a sleeping laptop, a dropped NAT entry) that may never report a close by itself.
+    const limit = this._interval ? 2 * this._interval : this.options.connectTimeout;
+    this._watchdog = setTimeout(() => {
+      const ws = this._ws;
+      this._onClose(HEARTBEAT_TIMEOUT, 'no message from the server in time');
+      // After _onClose has let go of it: a half-open socket may take long to finish closing.
+      ws?.close(HEARTBEAT_TIMEOUT, 'heartbeat timeout');
+    }, limit);
+  }
+
+  _dropSocket() {
+    clearInterval(this._pingTimer);
+    clearTimeout(this._watchdog);
+    this._pingTimer = this._watchdog = null;
+    this._interval = 0;
+    this._ws = null;
+  }
+
+  _stop() {
+    this._stopped = true;
+    this._run += 1;
+    clearTimeout(this._retryTimer);
+    this._retryTimer = null;
+    const ws = this._ws;
+    this._dropSocket();
+    ws?.close(1000, 'client closed');
+    if (this.state !== 'closed') this._setState({ state: 'closed', code: 1000 });
+  }
+
+  /** @param {StateChange} change */
+  _setState(change) {
+    this.state = change.state;
+    this._emit('state', change);
+  }
+
+  /**
+   * @param {string} type
+   * @param {any} event
+   */
+  _emit(type, event) {
+    for (const callback of [...(this._listeners.get(type) ?? [])]) {
+      try {
+        callback(event);
+      } catch (error) {
+        report(error);
+      }
+    }
+  }
+}
+
+export default DreamSocket;

@@ -1,0 +1,110 @@
+// Types of dream-ws.js, the browser client of starlette_dream_ws (wire protocol v1).
+
+export type ConnectionState = 'connecting' | 'open' | 'reconnecting' | 'closed' | 'auth_failed';
+
+export type ImageStatus =
+  | 'processing'
+  | 'completed'
+  | 'failed'
+  | 'delete_processing'
+  | 'delete_completed'
+  | 'delete_failed';
+
+/** Any server message: always a string `type`. */
+export interface Message {
+  type: string;
+  [field: string]: unknown;
+}
+
+export interface ConnectionEstablished extends Message {
+  type: 'connection_established';
+  dream_id: number;
+  /** Seconds between the server's pings. */
+  heartbeat_interval: number;
+}
+
+export interface ImageUpdate extends Message {
+  type: 'image_update';
+  dream_id: number;
+  status: ImageStatus;
+  /** Image URLs. */
+  images: string[];
+  /** Seconds since the epoch, set by the producer. */
+  timestamp: number;
+  message: string | null;
+}
+
+export interface ErrorMessage extends Message {
+  type: 'error';
+  /** Machine-readable, e.g. `unauthenticated`, `forbidden`, `token_unavailable` (from getToken). */
+  code: string;
+  message: string;
+}
+
+export interface StateChange {
+  state: ConnectionState;
+  /** Close code that caused the change. */
+  code?: number;
+  reason?: string;
+  /** Reconnect attempt number (state `reconnecting`). */
+  attempt?: number;
+  /** Milliseconds until that attempt. */
+  delay?: number;
+  /** The server's last `error` message (state `auth_failed`). */
+  error?: ErrorMessage | null;
+}
+
+export interface DreamSocketEvents {
+  state: StateChange;
+  /** Every server message. */
+  message: Message;
+  connection_established: ConnectionEstablished;
+  image_update: ImageUpdate;
+  /** Server errors (not `status_unknown`, the normal answer for a dream with no update yet). */
+  error: ErrorMessage;
+}
+
+export interface DreamSocketOptions {
+  dreamId: number | string;
+  /** WebSocket base where the app is mounted, e.g. `wss://example.com/ws`. */
+  url?: string;
+  /** A JWT, sent in the subprotocol list (never in the URL). */
+  token?: string;
+  /** Returns a fresh JWT; called before each reconnect, and allows one retry after close 4401. */
+  getToken?: () => string | Promise<string>;
+  /** Milliseconds between pings until the server announces its interval (default 30000). */
+  heartbeatInterval?: number;
+  /** Milliseconds a handshake may take (default 10000). */
+  connectTimeout?: number;
+  /** First reconnect delay ceiling in ms (default 500). */
+  backoffBase?: number;
+  /** Largest reconnect delay in ms (default 15000). */
+  backoffMax?: number;
+  /** Milliseconds a connection must last for the backoff to start over (default 10000). */
+  stableAfter?: number;
+  /** Connect right away (default true). */
+  autoConnect?: boolean;
+  /** WebSocket implementation (tests, non-browser hosts). */
+  WebSocket?: typeof WebSocket;
+}
+
+export class DreamSocket {
+  constructor(options: DreamSocketOptions);
+  readonly options: DreamSocketOptions;
+  readonly dreamId: number | string;
+  /** The full endpoint, `${url}/dreams/${dreamId}`. */
+  readonly url: string;
+  readonly state: ConnectionState;
+  readonly lastUpdate: ImageUpdate | null;
+  readonly lastError: ErrorMessage | null;
+  on<K extends keyof DreamSocketEvents>(type: K, callback: (event: DreamSocketEvents[K]) => void): () => void;
+  on(type: string, callback: (event: Message) => void): () => void;
+  off<K extends keyof DreamSocketEvents>(type: K, callback: (event: DreamSocketEvents[K]) => void): void;
+  off(type: string, callback: (event: Message) => void): void;
+  connect(): void;
+  close(): void;
+  send(message: Message): boolean;
+  requestStatus(): boolean;
+}
+
+export default DreamSocket;

@@ -1,0 +1,7 @@
+import pytest
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # The groups layer and broadcaster are asyncio-only.
+    return "asyncio"
