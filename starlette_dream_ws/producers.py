@@ -43,11 +43,21 @@ def unregister_app_layer(layer: GroupLayer) -> None:
 
 def _app_layer(settings: Settings | None) -> GroupLayer | None:
     with _lock:
-        if settings is not None:
-            return _app_layers.get(settings.broadcast_url)
-        if len(_app_layers) == 1:
+        for url, layer in list(_app_layers.items()):
+            if layer.loop is None or layer.loop.is_closed():
+                del _app_layers[url]
+        if settings is None and len(_app_layers) == 1:
             return next(iter(_app_layers.values()))
-        return None
+        url = (settings or Settings.from_env()).broadcast_url
+        return _app_layers.get(url)
+
+
+def _refuse_lone_memory(settings: Settings) -> None:
+    if settings.broadcast_url.startswith("memory:"):
+        raise RuntimeError(
+            "memory:// only reaches connections served by this process, and no app is running here: "
+            "set DREAM_WS_BROADCAST_URL to a redis:// URL shared with the server"
+        )
 
 
 async def asend_image_update(
@@ -88,7 +98,9 @@ async def _publish_async(settings: Settings | None, group: str, message: dict[st
         await asyncio.wrap_future(future)
         return
     if layer is None:
-        layer = _loop_layer(settings or Settings.from_env(), loop)
+        resolved = settings or Settings.from_env()
+        _refuse_lone_memory(resolved)
+        layer = _loop_layer(resolved, loop)
     await layer.publish(group, message, remember=True)
 
 
@@ -106,13 +118,11 @@ def _run_sync(settings: Settings | None, coroutine: Coroutine[Any, Any, T]) -> T
     layer = _app_layer(settings)
     if layer is not None and layer.loop is not None and layer.loop.is_running():
         return asyncio.run_coroutine_threadsafe(coroutine, layer.loop).result()
-    resolved = settings or Settings.from_env()
-    if resolved.broadcast_url.startswith("memory:"):
+    try:
+        _refuse_lone_memory(settings or Settings.from_env())
+    except RuntimeError:
         coroutine.close()
-        raise RuntimeError(
-            "memory:// only reaches connections served by this process, and no app is running here: "
-            "set DREAM_WS_BROADCAST_URL to a redis:// URL shared with the server"
-        )
+        raise
     return _background_loop().run(coroutine)
 
 
