@@ -104,7 +104,8 @@ class TokenVerifier:
             required.append("aud")
         if settings.jwt_issuer is not None:
             required.append("iss")
-        self._options: jwt.types.Options = {"require": required}
+        # PyJWT would refuse an integer `sub`; the user claim is checked below instead.
+        self._options: jwt.types.Options = {"require": required, "verify_sub": False}
 
     def verify(self, token: str | None) -> User:
         if not token:

@@ -45,12 +45,11 @@ def image_update_message(
     status = str(status.value) if isinstance(status, ImageStatus) else status
     if status not in STATUSES:
         raise ValueError(f"status must be one of {sorted(STATUSES)}, got {status!r}")
-    if image_urls is None:
-        images: list[str] = []
-    elif isinstance(image_urls, str | bytes) or not all(isinstance(url, str) for url in image_urls):
+    if isinstance(image_urls, str | bytes):
+        raise TypeError("image_urls must be a list of URL strings, not one string")
+    images = list(image_urls or ())
+    if not all(isinstance(url, str) for url in images):
         raise TypeError("image_urls must be a list of URL strings")
-    else:
-        images = list(image_urls)
     if message is not None and not isinstance(message, str):
         raise TypeError("message must be a string or None")
     return {

@@ -23,8 +23,8 @@ class Heartbeat:
     """Ticks while at least one connection is registered, and stops when none is left."""
 
     def __init__(self, interval: float, timeout: float) -> None:
-        # A quarter of the shortest period keeps pings and timeouts within 25% of their due time.
-        self.tick = max(0.02, min(interval, timeout - interval) / 4)
+        # A tenth of the shortest period keeps pings and timeouts within 10% of their due time.
+        self.tick = max(0.02, min(interval, timeout - interval) / 10)
         self._members: set[Beating] = set()
         self._task: asyncio.Task[None] | None = None
 

@@ -126,17 +126,29 @@ class GroupLayer:
         async with self._lock:
             if self.connected:
                 return
-            backend = self._factory(self.settings.broadcast_url)
+            if self._backend is not None:
+                # The reader ended unexpectedly; its backend is of no further use.
+                await _quietly(self._backend.disconnect())
+                self._backend = None
+            try:
+                backend = self._factory(self.settings.broadcast_url)
+            except Exception as exc:
+                raise BackendUnavailable(f"cannot build the groups backend: {type(exc).__name__}") from exc
             try:
                 await backend.connect()
             except Exception as exc:
                 await _quietly(backend.disconnect())
                 raise BackendUnavailable(f"cannot connect to the groups backend: {type(exc).__name__}") from exc
             self._backend = backend
-            self._state = create_state_store(self.settings.effective_state_url)
-            assert self._healthy is not None
-            self._healthy.set()
+            if self._state is None:
+                self._state = create_state_store(self.settings.effective_state_url)
             self._reader = loop.create_task(self._read(), name="dream-ws layer reader")
+            assert self._healthy is not None
+            if self._groups:
+                # Members of groups left from a reader that ended must be subscribed again.
+                self._resubscriber = loop.create_task(self._resubscribe(), name="dream-ws layer resubscribe")
+            else:
+                self._healthy.set()
 
     def _reset(self, loop: asyncio.AbstractEventLoop) -> None:
         # A new loop (tests, a restarted server): state of the old loop cannot be reused.
@@ -226,7 +238,8 @@ class GroupLayer:
         entry = self._groups.get(group)
         if entry is None:
             return
-        for member in tuple(entry.members):
+        # deliver() never changes membership, so the set is iterated as is: no copy per message.
+        for member in entry.members:
             try:
                 member.deliver(event)
             except Exception:
@@ -244,11 +257,13 @@ class GroupLayer:
 
         async def attempt() -> None:
             await self.connect()
+            await self._wait_healthy()
+            backend, state = self._backend, self._state
+            if backend is None or state is None:
+                raise BackendUnavailable("the groups backend is reconnecting")
             if remember:
-                assert self._state is not None
-                await self._state.remember(group, text, self.settings.state_ttl)
-            assert self._backend is not None
-            await self._backend.publish(group, text)
+                await state.remember(group, text, self.settings.state_ttl)
+            await backend.publish(group, text)
 
         await self.retrying(attempt, what=f"publish to {group}")
 
@@ -309,16 +324,14 @@ class GroupLayer:
                 assert backend is not None
                 try:
                     event = await backend.next_published()
-                except asyncio.CancelledError:
-                    raise
                 except Exception as exc:
                     logger.warning("groups backend connection lost (%s); reconnecting", type(exc).__name__)
                     await self._reconnect()
                     continue
                 try:
                     decoded = json.loads(event.message)
-                except ValueError:
-                    logger.warning("dropped a message on %s that is not JSON", event.channel)
+                except (TypeError, ValueError, RecursionError):
+                    logger.warning("dropped a message on %s that is not JSON text", event.channel)
                     continue
                 if isinstance(decoded, dict) and isinstance(decoded.get("type"), str):
                     self._fan_out(event.channel, decoded)
@@ -342,7 +355,14 @@ class GroupLayer:
             if old is not None:
                 await _quietly(old.disconnect())
             while True:
-                backend = self._factory(self.settings.broadcast_url)
+                try:
+                    backend = self._factory(self.settings.broadcast_url)
+                except Exception:
+                    # A factory that cannot build a backend will not heal by itself; keep trying
+                    # slowly rather than ending the reader and stranding every member.
+                    logger.exception("cannot build the groups backend")
+                    await asyncio.sleep(MAX_RECONNECT_DELAY)
+                    continue
                 try:
                     await backend.connect()
                 except Exception as exc:

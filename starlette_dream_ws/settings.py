@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -94,6 +95,17 @@ class Settings:
         if algorithms & SYMMETRIC_ALGORITHMS and algorithms & ASYMMETRIC_ALGORITHMS:
             # One key for both families is the classic key-confusion attack.
             raise ConfigurationError("jwt_algorithms must not mix HMAC (HS*) and public-key algorithms")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            kind = str(field.type)
+            if kind.startswith(("float", "int")) and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            ):
+                raise ConfigurationError(f"{field.name} must be a finite number")
+            if kind.startswith("str") and not isinstance(value, str):
+                raise ConfigurationError(f"{field.name} must be a string")
         for name in ("heartbeat_interval", "state_ttl", "publish_timeout", "publish_backoff", "reconnect_backoff"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive")

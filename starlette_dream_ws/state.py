@@ -46,7 +46,9 @@ class MemoryStateStore:
         now = time.monotonic()
         self._purge(now)
         entry = self._entries.get(group)
-        return entry[1] if entry is not None else None
+        if entry is None or entry[0] <= now:
+            return None
+        return entry[1]
 
     def _purge(self, now: float) -> None:
         while self._entries:
