@@ -30,6 +30,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, Router, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
+from . import redaction
 from .auth import Authorizer, TokenVerifier
 from .consumer import CloseCodes, CloseConnection, Consumer, ConsumerContext
 from .dreams import DreamImagesConsumer
@@ -83,7 +84,11 @@ class ConsumerApp:
         await self.router(scope, receive, send)
 
     async def start(self) -> None:
-        """Connect the groups layer (idempotent); done lazily on the first connection."""
+        """Connect the groups layer (idempotent); done lazily on the first connection.
+
+        Raises `BackendUnavailable` if the backend cannot be reached now.
+        """
+        redaction.install()
         await self.layer.connect()
         register_app_layer(self.layer)
 
@@ -103,8 +108,15 @@ class ConsumerApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
-        """Connect on startup and close on shutdown; enter it in a parent app's lifespan."""
-        await self.start()
+        """Connect on startup and close on shutdown; enter it in a parent app's lifespan.
+
+        A backend that is down at startup does not stop the server: connections are refused
+        with 1013 and `/health` answers 503 until it can be reached.
+        """
+        try:
+            await self.start()
+        except BackendUnavailable as exc:
+            logger.warning("starting without the groups backend (%s); will retry on demand", exc)
         try:
             yield
         finally:
@@ -114,6 +126,9 @@ class ConsumerApp:
         return FileResponse(STATIC / "dream-ws.js", media_type="text/javascript")
 
     async def _health(self, request: Request) -> Response:
+        # A mounted app may not have connected yet: a readiness probe must not wait for traffic.
+        with contextlib.suppress(BackendUnavailable):
+            await self.start()
         healthy = self.layer.healthy
         return JSONResponse(
             {

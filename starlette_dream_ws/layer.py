@@ -26,9 +26,10 @@ logger = logging.getLogger("starlette_dream_ws.layer")
 
 T = TypeVar("T")
 
-# Retrying cannot mend these: they are bugs or bad arguments, raised at once.
+#: Longest pause between two attempts to reconnect a lost backend, in seconds.
 MAX_RECONNECT_DELAY = 2.0
 
+# Retrying cannot mend these: they are bugs or bad arguments, raised at once.
 PROGRAMMING_ERRORS = (TypeError, ValueError, KeyError, AttributeError, AssertionError, NotImplementedError)
 
 

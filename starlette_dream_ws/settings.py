@@ -69,7 +69,7 @@ class Settings:
     #: Seconds one publish attempt may take.
     publish_timeout: float = 5.0
 
-    #: Seconds between reconnect attempts to a lost backend (doubling up to 5 s).
+    #: Seconds between reconnect attempts to a lost backend (doubling up to 2 s).
     reconnect_backoff: float = 0.1
 
     def __post_init__(self) -> None:
