@@ -100,7 +100,8 @@ class ConsumerApp:
             for consumer in consumers:
                 consumer.close_soon(CloseConnection(code))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(drained.wait(), SHUTDOWN_TIMEOUT)
+                async with asyncio.timeout(SHUTDOWN_TIMEOUT):
+                    await drained.wait()
             self.context.drained = None
         await self.heartbeat.close()
         unregister_app_layer(self.layer)

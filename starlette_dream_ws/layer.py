@@ -276,7 +276,8 @@ class GroupLayer:
             assert self._state is not None
             return await self._state.latest(group)
 
-        text = await asyncio.wait_for(read(), self.settings.publish_timeout)
+        async with asyncio.timeout(self.settings.publish_timeout):
+            text = await read()
         if text is None:
             return None
         value = json.loads(text)
@@ -289,7 +290,10 @@ class GroupLayer:
         attempts = settings.publish_retries + 1
         for attempt in range(1, attempts + 1):
             try:
-                return await asyncio.wait_for(operation(), settings.publish_timeout)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # that arrives as the operation finishes, and the caller would never stop.
+                async with asyncio.timeout(settings.publish_timeout):
+                    return await operation()
             except PROGRAMMING_ERRORS:
                 raise
             except Exception as exc:
@@ -314,7 +318,8 @@ class GroupLayer:
         if self._healthy.is_set():
             return
         try:
-            await asyncio.wait_for(self._healthy.wait(), self.settings.publish_timeout)
+            async with asyncio.timeout(self.settings.publish_timeout):
+                await self._healthy.wait()
         except TimeoutError:
             raise BackendUnavailable("the groups backend is reconnecting") from None
 

@@ -70,7 +70,8 @@ class RedisPubSubBackend(BroadcastBackend):
         self._pending[(kind, channel)] = future
         try:
             await command(channel)
-            await asyncio.wait_for(asyncio.shield(future), CONFIRM_TIMEOUT)
+            async with asyncio.timeout(CONFIRM_TIMEOUT):
+                await future
         finally:
             self._pending.pop((kind, channel), None)
 
