@@ -26,7 +26,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 HOST = "127.0.0.1"
@@ -149,7 +148,36 @@ def redis_ping(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-class RedisServer:
+class _ServerProcess:
+    """What both servers share: a work directory with the log, and `with` support."""
+
+    log_path: Path
+    _tmp: Path
+    _own_tmp: bool
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RedisServer(_ServerProcess):
     """A throw-away Redis/Valkey on 127.0.0.1: no persistence, its own temp dir.
 
     `stop()` then `start()` brings it back on the same port, to simulate an outage.
@@ -190,21 +218,6 @@ class RedisServer:
             _stop(self._process, kill=kill)
             self._process = None
 
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def close(self) -> None:
-        self.stop()
-        if self._own_tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 # -- uvicorn ------------------------------------------------------------------------------
 
@@ -212,7 +225,7 @@ HERE = Path(__file__).resolve().parent
 APP = "served_app:app"
 
 
-class UvicornServer:
+class UvicornServer(_ServerProcess):
     """`python -m uvicorn APP` on 127.0.0.1 with its own environment and log file.
 
     `mount` is where the dream app sits in APP (`/ws` for a mounted one): `ws_url()` and
@@ -312,23 +325,6 @@ class UvicornServer:
             problems.append("no graceful application shutdown")
         problems += [f"log: {line}" for line in log.splitlines() if "Traceback" in line or line.startswith("ERROR")]
         return problems
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def close(self) -> None:
-        self.stop()
-        if self._own_tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def start_all(servers: Iterable[UvicornServer]) -> None:
