@@ -10,13 +10,15 @@ decoded once per process, and a lost backend connection is re-established by the
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlsplit
 
+from broadcaster import Event
 from broadcaster._backends.base import BroadcastBackend
 
 from .settings import Settings
@@ -27,7 +29,7 @@ logger = logging.getLogger("starlette_dream_ws.layer")
 T = TypeVar("T")
 
 #: Longest pause between two attempts to reconnect a lost backend, in seconds.
-MAX_RECONNECT_DELAY = 2.0
+MAX_RECONNECT_DELAY = 1.0
 
 # Retrying cannot mend these: they are bugs or bad arguments, raised at once.
 PROGRAMMING_ERRORS = (TypeError, ValueError, KeyError, AttributeError, AssertionError, NotImplementedError)
@@ -46,13 +48,30 @@ class PublishError(ConnectionError):
     """A message could not be published after every retry; nothing was delivered."""
 
 
-def create_backend(url: str) -> BroadcastBackend:
-    """The backend for a URL: ours for Redis pub/sub, broadcaster's for the other schemes."""
+@runtime_checkable
+class HistoryBackend(Protocol):
+    """A backend that keeps each group's recent messages, with ids in publish order.
+
+    The layer uses it to deliver what was published while it was reconnecting, and as the
+    store of each group's latest state. Events it returns carry their id as `event.id`.
+    """
+
+    async def history(self, channel: str, after: str | None) -> Sequence[Event]: ...
+
+    async def last_id(self, channel: str) -> str | None: ...
+
+    async def latest(self, channel: str) -> str | None: ...
+
+
+def create_backend(url: str, settings: Settings | None = None) -> BroadcastBackend:
+    """The backend for a URL: ours for Redis, broadcaster's for the other schemes."""
     scheme = urlsplit(url).scheme
     if scheme in ("redis", "rediss"):
         from .redis_pubsub import RedisPubSubBackend
 
-        return RedisPubSubBackend(url)
+        if settings is None:
+            return RedisPubSubBackend(url)
+        return RedisPubSubBackend(url, ttl=settings.state_ttl, history_size=settings.history_size)
     if scheme == "memory":
         from broadcaster._backends.memory import MemoryBackend
 
@@ -76,12 +95,29 @@ def encode(message: dict[str, Any]) -> str:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
 
 
+def _position(event_id: str) -> tuple[int, int]:
+    # History ids are "<milliseconds>-<sequence>" (Redis stream ids).
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+#: Live events held for one group while its missed events are read after a reconnect.
+MAX_BACKLOG = 10_000
+
+
 class _Group:
-    __slots__ = ("members", "ready")
+    __slots__ = ("backlog", "last_id", "members", "ready")
 
     def __init__(self) -> None:
         self.members: set[Member] = set()
         self.ready = asyncio.Event()
+        #: Id of the newest event delivered (history backends only).
+        self.last_id: str | None = None
+        #: Live events that arrived while catching up; None when not catching up.
+        self.backlog: list[Event] | None = None
+
+    def is_new(self, event_id: str) -> bool:
+        return self.last_id is None or _position(event_id) > _position(self.last_id)
 
 
 class GroupLayer:
@@ -91,9 +127,9 @@ class GroupLayer:
     app that is mounted (whose lifespan Starlette never runs) connects on first use.
     """
 
-    def __init__(self, settings: Settings, backend_factory: Callable[[str], BroadcastBackend] = create_backend) -> None:
+    def __init__(self, settings: Settings, backend_factory: Callable[[str], BroadcastBackend] | None = None) -> None:
         self.settings = settings
-        self._factory = backend_factory
+        self._factory = backend_factory or functools.partial(create_backend, settings=settings)
         self._backend: BroadcastBackend | None = None
         self._state: StateStore | None = None
         self._groups: dict[str, _Group] = {}
@@ -198,8 +234,14 @@ class GroupLayer:
             assert self._lock is not None
             async with self._lock:
                 backend = self._backend
-                assert backend is not None
+                if backend is None:
+                    raise BackendUnavailable("the groups backend is reconnecting")
                 await backend.subscribe(group)
+                if isinstance(backend, HistoryBackend):
+                    # Where a catch-up after a reconnect starts: nothing older than now.
+                    baseline = await backend.last_id(group)
+                    if baseline is not None and entry.is_new(baseline):
+                        entry.last_id = baseline
         except BaseException:
             entry.members.discard(member)
             if self._groups.get(group) is entry:
@@ -252,7 +294,8 @@ class GroupLayer:
         """Send `message` to every member of `group` in every process, retrying with backoff.
 
         With `remember`, the message is also kept as the group's latest state (for
-        `state_ttl` seconds). Raises `PublishError` once every retry has failed.
+        `state_ttl` seconds; a history backend keeps every message anyway). Raises
+        `PublishError` once every retry has failed.
         """
         text = encode(message)
 
@@ -262,7 +305,7 @@ class GroupLayer:
             backend, state = self._backend, self._state
             if backend is None or state is None:
                 raise BackendUnavailable("the groups backend is reconnecting")
-            if remember:
+            if remember and not isinstance(backend, HistoryBackend):
                 await state.remember(group, text, self.settings.state_ttl)
             await backend.publish(group, text)
 
@@ -273,8 +316,12 @@ class GroupLayer:
 
         async def read() -> str | None:
             await self.connect()
-            assert self._state is not None
-            return await self._state.latest(group)
+            backend, state = self._backend, self._state
+            if isinstance(backend, HistoryBackend):
+                return await backend.latest(group)
+            if state is None:
+                raise BackendUnavailable("the groups backend is reconnecting")
+            return await state.latest(group)
 
         async with asyncio.timeout(self.settings.publish_timeout):
             text = await read()
@@ -334,19 +381,36 @@ class GroupLayer:
                     logger.warning("groups backend connection lost (%s); reconnecting", type(exc).__name__)
                     await self._reconnect()
                     continue
-                try:
-                    decoded = json.loads(event.message)
-                except (TypeError, ValueError, RecursionError):
-                    logger.warning("dropped a message on %s that is not JSON text", event.channel)
-                    continue
-                if isinstance(decoded, dict) and isinstance(decoded.get("type"), str):
-                    self._fan_out(event.channel, decoded)
-                else:
-                    logger.warning("dropped a message on %s without a string 'type'", event.channel)
+                self._receive(event)
         finally:
             if self._resubscriber is not None:
                 await cancel_and_wait(self._resubscriber)
                 self._resubscriber = None
+
+    def _receive(self, event: Event) -> None:
+        entry = self._groups.get(event.channel)
+        if entry is None:
+            return
+        event_id = getattr(event, "id", None)
+        if isinstance(event_id, str):
+            if entry.backlog is not None:
+                if len(entry.backlog) < MAX_BACKLOG:
+                    entry.backlog.append(event)
+                else:
+                    logger.error("backlog of %s is full while catching up; dropped an event", event.channel)
+                return
+            if not entry.is_new(event_id):
+                return  # already delivered by a catch-up
+            entry.last_id = event_id
+        try:
+            decoded = json.loads(event.message)
+        except (TypeError, ValueError, RecursionError):
+            logger.warning("dropped a message on %s that is not JSON text", event.channel)
+            return
+        if isinstance(decoded, dict) and isinstance(decoded.get("type"), str):
+            self._fan_out(event.channel, decoded)
+        else:
+            logger.warning("dropped a message on %s without a string 'type'", event.channel)
 
     async def _reconnect(self) -> None:
         """Replace the lost backend connection, retrying with backoff until it is back."""
@@ -386,18 +450,36 @@ class GroupLayer:
 
     async def _resubscribe(self) -> None:
         assert self._healthy is not None and self._lock is not None
+        caught_up = 0
         try:
             async with self._lock:
-                assert self._backend is not None
-                for group in list(self._groups):
-                    await self._backend.subscribe(group)
+                backend = self._backend
+                assert backend is not None
+                for group, entry in list(self._groups.items()):
+                    if not isinstance(backend, HistoryBackend):
+                        await backend.subscribe(group)
+                        continue
+                    # Hold live events while the missed ones are read, so that order is kept.
+                    entry.backlog = []
+                    await backend.subscribe(group)
+                    missed = await backend.history(group, entry.last_id)
+                    backlog, entry.backlog = entry.backlog, None
+                    for event in [*missed, *backlog]:
+                        if self._groups.get(group) is entry:
+                            before = entry.last_id
+                            self._receive(event)
+                            caught_up += entry.last_id != before
         except Exception as exc:
             # The reader sees the same failure on the connection and reconnects again.
             logger.warning("subscribing again failed (%s)", type(exc).__name__)
             return
         self.reconnects += 1
         self._healthy.set()
-        logger.warning("groups backend reconnected; %d groups subscribed again", len(self._groups))
+        logger.warning(
+            "groups backend reconnected; %d groups subscribed again, %d missed events delivered",
+            len(self._groups),
+            caught_up,
+        )
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:

@@ -42,6 +42,8 @@ class Settings:
     state_url: str | None = None
     #: Seconds the latest state of a dream is kept after its last update.
     state_ttl: float = 86400.0
+    #: Recent messages kept per group (Redis) to deliver what a reconnecting server missed.
+    history_size: int = 100
 
     jwt_secret: str | None = None
     #: PEM public key for RS*/PS*/ES*/EdDSA tokens.
@@ -69,7 +71,7 @@ class Settings:
     #: Seconds one publish attempt may take.
     publish_timeout: float = 5.0
 
-    #: Seconds between reconnect attempts to a lost backend (doubling up to 2 s).
+    #: Seconds between reconnect attempts to a lost backend (doubling up to 1 s).
     reconnect_backoff: float = 0.1
 
     def __post_init__(self) -> None:
@@ -111,8 +113,10 @@ class Settings:
                 raise ConfigurationError(f"{name} must be positive")
         if self.heartbeat_timeout is not None and self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigurationError("heartbeat_timeout must be longer than heartbeat_interval")
-        if self.max_pending_events < 1 or self.max_message_size < 1 or self.publish_retries < 0:
-            raise ConfigurationError("max_pending_events, max_message_size must be >= 1 and publish_retries >= 0")
+        if min(self.max_pending_events, self.max_message_size, self.history_size) < 1 or self.publish_retries < 0:
+            raise ConfigurationError(
+                "max_pending_events, max_message_size and history_size must be >= 1, publish_retries >= 0"
+            )
 
     @property
     def effective_state_url(self) -> str:

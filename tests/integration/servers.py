@@ -340,10 +340,12 @@ def start_all(servers: Iterable[UvicornServer]) -> None:
 
 #: One process, several `send_image_update` calls (one backend connection), each outcome as JSON.
 PRODUCER_SCRIPT = """
-import json, sys
+import json, sys, time
 from starlette_dream_ws import send_image_update
 outcomes = []
 for call in json.load(sys.stdin):
+    # A steady stream of updates, as a worker's progress would be (the producer's pace).
+    time.sleep(call.pop("pause_before", 0))
     try:
         send_image_update(**call)
     except Exception as exc:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from websockets.asyncio.client import ClientConnection
 
-from .client import connect_dream, established, recv_json, send_json
+from .client import Transport, connect_dream, established, recv_json, send_json
 from .conftest import TokenFactory, server_env, serving, workdir
 from .servers import ProducerProcess, RedisServer, UvicornServer, producer_call, run_producer
 
@@ -25,10 +28,20 @@ def outage_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture(scope="module")
-def outage_server(outage_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UvicornServer]:
-    server = UvicornServer(server_env(outage_redis.url), workdir=workdir(tmp_path_factory, "outage-server"))
-    with serving(server):
-        yield server
+def outage_servers(
+    outage_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[UvicornServer, UvicornServer]]:
+    pair = (
+        UvicornServer(server_env(outage_redis.url), workdir=workdir(tmp_path_factory, "outage-server-a")),
+        UvicornServer(server_env(outage_redis.url), workdir=workdir(tmp_path_factory, "outage-server-b")),
+    )
+    with serving(*pair):
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def outage_server(outage_servers: tuple[UvicornServer, UvicornServer]) -> UvicornServer:
+    return outage_servers[0]
 
 
 async def test_producer_retries_through_an_outage_and_the_server_reconnects(
@@ -79,27 +92,110 @@ async def test_producer_retries_through_an_outage_and_the_server_reconnects(
                 ["https://cdn.example/22.png"],
             )
 
-        # KNOWN GAP (to be closed later): a message published while a server is still
-        # reconnecting/re-subscribing is lost for that server's clients (pub/sub keeps nothing).
-        # So the update sent during the outage may or may not have been pushed live; either way
-        # it is the recorded latest state, which the client gets on request. Once /health says
-        # connected, new updates are pushed to the connection that lived through the outage.
-        await send_json(ws, {"type": "request_status"})
-        after = producer_call(21, ["https://cdn.example/21/b.png"], "delete_processing", "after the outage")
-        assert await asyncio.to_thread(run_producer, outage_redis.url, [after]) == [{"ok": True}]
-
-        received = [await recv_json(ws)]
-        while received[-1]["type"] == "image_update" and received[-1]["message"] == during["message"]:
-            received.append(await recv_json(ws))
-        *earlier, last = received
-        # The outage update: once as the status answer, perhaps once more as a live push.
-        assert 1 <= len(earlier) <= 2 and all(message == earlier[0] for message in earlier), received
-        assert (earlier[0]["dream_id"], earlier[0]["status"], earlier[0]["images"]) == (
+        # The update published while the server was still re-subscribing was pushed live anyway:
+        # the server read what it missed from the group's history. It is also the latest state.
+        pushed = await recv_json(ws)
+        assert (pushed["type"], pushed["dream_id"], pushed["status"], pushed["images"]) == (
+            "image_update",
             21,
             "completed",
             ["https://cdn.example/21/a.png"],
         )
-        assert isinstance(earlier[0]["timestamp"], float)
-        assert last["type"] == "image_update" and last["message"] == "after the outage", received
+        assert pushed["message"] == during["message"] and isinstance(pushed["timestamp"], float)
+        await send_json(ws, {"type": "request_status"})
+        assert await recv_json(ws) == pushed
+        after = producer_call(21, ["https://cdn.example/21/b.png"], "delete_processing", "after the outage")
+        assert await asyncio.to_thread(run_producer, outage_redis.url, [after]) == [{"ok": True}]
+        last = await recv_json(ws)
+        assert last["type"] == "image_update" and last["message"] == "after the outage"
         assert last["status"] == "delete_processing" and last["images"] == ["https://cdn.example/21/b.png"]
-        request.node.user_properties.append(("outage_update_pushed_live", len(earlier) == 2))
+
+
+UPDATES = 120
+PACE = 0.025  # seconds between two updates of the producer: a steady stream across the outage
+DOWN_FOR = 3.0
+CLIENTS_PER_SERVER = 3
+
+
+async def _collect(ws: ClientConnection, until: str, into: list[dict[str, Any]], started: asyncio.Event) -> None:
+    """Record every image_update until the one whose message is `until`."""
+    while True:
+        message = await recv_json(ws, timeout=30.0)
+        if message["type"] != "image_update":
+            continue
+        into.append(message)
+        started.set()
+        if message["message"] == until:
+            return
+
+
+async def test_every_update_that_returned_reaches_every_client_across_an_outage(
+    outage_redis: RedisServer,
+    outage_servers: tuple[UvicornServer, UvicornServer],
+    make_token: TokenFactory,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Redis stops for 3 s mid-stream and restarts empty on the same port; 6 clients on 2 servers."""
+    for server in outage_servers:
+        await asyncio.to_thread(server.wait_backend_connected, 15.0)
+    befores = [(await asyncio.to_thread(s.wait_backend_connected))["backend_reconnects"] for s in outage_servers]
+    async with contextlib.AsyncExitStack() as stack:
+        clients = []
+        for server in outage_servers:
+            for n in range(CLIENTS_PER_SERVER):
+                transport: Transport = ("query", "header", "subprotocol")[n % 3]
+                ws = await stack.enter_async_context(connect_dream(server, 31, make_token("u31"), transport))
+                await established(ws, 31)
+                clients.append(ws)
+        received: list[list[dict[str, Any]]] = [[] for _ in clients]
+        started = [asyncio.Event() for _ in clients]
+        readers = [
+            asyncio.create_task(_collect(ws, "end", into, event))
+            for ws, into, event in zip(clients, received, started, strict=True)
+        ]
+
+        calls = [
+            {**producer_call(31, [f"https://cdn.example/31/{i}.png"], "processing", f"seq={i}"), "pause_before": PACE}
+            for i in range(UPDATES)
+        ]
+        producer = ProducerProcess(outage_redis.url, calls)
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 15.0)
+
+        outage_redis.stop()
+        # This sleep is the outage itself: Redis stays down while the producer keeps calling.
+        await asyncio.sleep(DOWN_FOR)
+        outage_redis.start()
+        back_at = time.monotonic()
+        reconnected_after = []
+        for server in outage_servers:
+            await asyncio.to_thread(server.wait_backend_connected, 15.0)
+            reconnected_after.append(time.monotonic() - back_at)
+
+        outcomes = await asyncio.to_thread(producer.result, 60.0)
+        returned = {f"seq={i}" for i, outcome in enumerate(outcomes) if outcome == {"ok": True}}
+        final = producer_call(31, [], "completed", "end")
+        assert await asyncio.to_thread(run_producer, outage_redis.url, [final]) == [{"ok": True}]
+        await asyncio.wait_for(asyncio.gather(*readers), 30.0)
+
+    sent_during_outage = UPDATES - len(returned)
+    for messages in received:
+        got = [message["message"] for message in messages]
+        assert got[-1] == "end"
+        missing = returned - set(got)
+        assert not missing, f"{len(missing)} updates that returned normally never arrived: {sorted(missing)[:10]}"
+        sequence = [int(text.removeprefix("seq=")) for text in got[:-1]]
+        assert sequence == sorted(sequence), "updates arrived out of order"
+    duplicates = max(len(m) - len({x["message"] for x in m}) for m in received)
+    for server, before in zip(outage_servers, befores, strict=True):
+        assert (await asyncio.to_thread(server.wait_backend_connected))["backend_reconnects"] > before
+    figures = {
+        "updates_sent": UPDATES,
+        "returned_normally": len(returned),
+        "raised": sent_during_outage,
+        "clients": len(clients),
+        "received_per_client": [len(m) - 1 for m in received],
+        "max_duplicates_per_client": duplicates,
+        "reconnect_seconds_after_redis_back": [round(t, 2) for t in reconnected_after],
+    }
+    request.node.user_properties.append(("outage_figures", figures))
+    print("outage figures:", figures)
