@@ -21,8 +21,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from starlette.requests import Request
@@ -112,16 +115,23 @@ class ConsumerApp:
         """Connect on startup and close on shutdown; enter it in a parent app's lifespan.
 
         A backend that is down at startup does not stop the server: connections are refused
-        with 1013 and `/health` answers 503 until it can be reached.
+        with 1013 and `/health` answers 503 until it can be reached. On SIGTERM or SIGINT the
+        connections are closed with 1001 at once (see `close_on_signals`).
         """
         try:
             await self.start()
         except BackendUnavailable as exc:
             logger.warning("starting without the groups backend (%s); will retry on demand", exc)
         try:
-            yield
+            with close_on_signals(self):
+                yield
         finally:
             await self.close()
+
+    def begin_shutdown(self, code: int = CloseCodes.GOING_AWAY) -> None:
+        """Start closing every connection with `code` now, without waiting (sync, for signals)."""
+        for consumer in list(self.context.consumers):
+            consumer.close_soon(CloseConnection(code))
 
     async def _client_script(self, request: Request) -> Response:
         return FileResponse(STATIC / "dream-ws.js", media_type="text/javascript")
@@ -140,6 +150,40 @@ class ConsumerApp:
             },
             status_code=200 if healthy else 503,
         )
+
+
+@contextlib.contextmanager
+def close_on_signals(app: ConsumerApp, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+    """Close connections with 1001 as soon as the server is asked to stop.
+
+    uvicorn closes open WebSockets with 1012 before it runs the lifespan shutdown, so a close
+    started there comes too late. This chains a handler in front of the server's own (which
+    still runs, unchanged). Only possible in the main thread; elsewhere it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    installed: dict[int, Any] = {}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(app.begin_shutdown)
+        previous = installed.get(signum)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    for signum in signals:
+        installed[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, previous in installed.items():
+            if signal.getsignal(signum) is handler:
+                signal.signal(signum, previous)
 
 
 class _ConsumerEndpoint:

@@ -5,10 +5,14 @@ deliberately not allow-all, so that 4403 is tested for real: user `u<N>` may wat
 user `admin` may watch every dream, nobody else may watch anything.
 
 `served_app:app` is the dream app on its own (uvicorn runs its lifespan); `served_app:mounted`
-mounts it at `/ws` in a Starlette app without a lifespan, so it connects lazily on first use.
+mounts it at `/ws` in a Starlette app without a lifespan, so it connects lazily on first use;
+`served_app:mounted_with_lifespan` mounts it and enters its lifespan helper, as the README says.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.routing import Mount
@@ -24,3 +28,12 @@ async def can_watch(user: User, dream_id: int) -> bool:
 app = DreamWebSocketApp(authorize=can_watch)
 
 mounted = Starlette(routes=[Mount("/ws", app)])
+
+
+@contextlib.asynccontextmanager
+async def lifespan(parent: Starlette) -> AsyncIterator[None]:
+    async with app.lifespan():
+        yield
+
+
+mounted_with_lifespan = Starlette(routes=[Mount("/ws", app)], lifespan=lifespan)
