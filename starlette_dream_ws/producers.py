@@ -15,6 +15,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import os
+import selectors
 import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
@@ -148,7 +149,9 @@ class _BackgroundLoop:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.loop = asyncio.new_event_loop()
+        # poll, not epoll: a forked child shares the parent's epoll object, and when the child
+        # exits, cleaning up the inherited sockets would unregister them from the parent's loop.
+        self.loop: asyncio.AbstractEventLoop = asyncio.SelectorEventLoop(selectors.PollSelector())
         self._thread = threading.Thread(target=self.loop.run_forever, name="dream-ws producer", daemon=True)
         self._thread.start()
 
