@@ -64,7 +64,7 @@ class HistoryBackend(Protocol):
 
 
 def create_backend(url: str, settings: Settings | None = None) -> BroadcastBackend:
-    """The backend for a URL: ours for Redis, broadcaster's for the other schemes."""
+    """The backend for a URL: ours for Redis and PostgreSQL, broadcaster's for the others."""
     scheme = urlsplit(url).scheme
     if scheme in ("redis", "rediss"):
         from .redis_pubsub import RedisPubSubBackend
@@ -81,9 +81,11 @@ def create_backend(url: str, settings: Settings | None = None) -> BroadcastBacke
 
         return RedisStreamBackend(url)
     if scheme in ("postgres", "postgresql"):
-        from broadcaster._backends.postgres import PostgresBackend
+        from .postgres import PostgresBackend
 
-        return PostgresBackend(url)
+        if settings is None:
+            return PostgresBackend(url)
+        return PostgresBackend(url, ttl=settings.state_ttl, history_size=settings.history_size)
     if scheme == "kafka":
         from broadcaster._backends.kafka import KafkaBackend
 

@@ -20,7 +20,7 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 # Schemes with a working groups backend; `redis-stream`, `postgres` and `kafka` are
 # broadcaster's own, see layer.create_backend.
 BROADCAST_SCHEMES = frozenset({"memory", "redis", "rediss", "redis-stream", "postgres", "postgresql", "kafka"})
-STATE_SCHEMES = frozenset({"memory", "redis", "rediss"})
+STATE_SCHEMES = frozenset({"memory", "redis", "rediss", "postgres", "postgresql"})
 
 
 class ConfigurationError(ValueError):
@@ -42,7 +42,7 @@ class Settings:
     state_url: str | None = None
     #: Seconds the latest state of a dream is kept after its last update.
     state_ttl: float = 86400.0
-    #: Recent messages kept per group (Redis) to deliver what a reconnecting server missed.
+    #: Recent messages kept per group (Redis, PostgreSQL) to deliver what a reconnecting server missed.
     history_size: int = 100
 
     jwt_secret: str | None = None
@@ -83,8 +83,8 @@ class Settings:
         state_scheme = urlsplit(self.effective_state_url).scheme
         if state_scheme not in STATE_SCHEMES:
             raise ConfigurationError(
-                f"the latest-state store needs a memory:// or redis:// URL, got {state_scheme!r}: "
-                "set state_url (DREAM_WS_STATE_URL) to a Redis URL"
+                f"the latest-state store needs a memory://, redis:// or postgresql:// URL, got {state_scheme!r}: "
+                "set state_url (DREAM_WS_STATE_URL) to a Redis or PostgreSQL URL"
             )
         if (state_scheme == "memory") != (scheme == "memory"):
             raise ConfigurationError("memory:// works in one process only: use it for both broadcast_url and state_url")

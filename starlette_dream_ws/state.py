@@ -84,6 +84,11 @@ class RedisStateStore:
 
 
 def create_state_store(url: str) -> StateStore:
-    if urlsplit(url).scheme == "memory":
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
         return MemoryStateStore()
+    if scheme in ("postgres", "postgresql"):
+        from .postgres import PostgresStateStore
+
+        return PostgresStateStore(url)
     return RedisStateStore(url)

@@ -1,4 +1,7 @@
-"""Fixtures of the integration suite: one Redis per session, uvicorn servers per module."""
+"""Fixtures of the integration suite: one Redis per session, uvicorn servers per module.
+
+The groups backend is configuration only, so the tests of `servers` run once per backend:
+on Redis, then on PostgreSQL (started only when a test needs it)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import jwt
 import pytest
 import redis
 
+from .postgres import PostgresServer
 from .servers import RedisServer, UvicornServer, start_all
 
 #: HS256 secret shared by the servers and the token helper (>= 32 bytes, as PyJWT wants).
@@ -20,6 +24,9 @@ JWT_SECRET = "integration-secret-0123456789abcdef-0123456789"
 OTHER_SECRET = "not-the-servers-secret-0123456789abcdef-987654"
 
 TokenFactory = Callable[..., str]
+
+#: The groups backends `servers` runs on (the `backend_url` parameter).
+BACKENDS = ("redis", "postgres")
 
 
 @pytest.fixture(scope="session")
@@ -33,15 +40,46 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
 
 
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """Started on first request: a run without PostgreSQL tests does not pay for it."""
+    with PostgresServer(workdir=tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend_url(request: pytest.FixtureRequest) -> str:
+    """The URL of the groups backend `servers` use; give it to the producers too."""
+    server: RedisServer | PostgresServer = request.getfixturevalue(f"{request.param}_server")
+    return server.url
+
+
+#: Empties what the PostgreSQL backend (history, latest states) and state store keep.
+POSTGRES_FLUSH = """DO $$ DECLARE name text; BEGIN
+    FOREACH name IN ARRAY ARRAY['dream_ws_history', 'dream_ws_latest'] LOOP
+        IF to_regclass(name) IS NOT NULL THEN EXECUTE format('TRUNCATE %I', name); END IF;
+    END LOOP;
+END $$"""
+
+
 @pytest.fixture(autouse=True)
-def _flush_redis(redis_server: RedisServer) -> None:
+def _flush_backends(redis_server: RedisServer, request: pytest.FixtureRequest) -> None:
     """No test sees the latest states another test recorded."""
     with redis.Redis.from_url(redis_server.url) as client:
         client.flushall()
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend_url") == "postgres":
+        request.getfixturevalue("postgres_server").sql(POSTGRES_FLUSH)
 
 
-def server_env(redis_url: str, **extra: str) -> dict[str, str]:
-    return {"DREAM_WS_BROADCAST_URL": redis_url, "DREAM_WS_JWT_SECRET": JWT_SECRET, **extra}
+def server_env(backend_url: str, **extra: str) -> dict[str, str]:
+    """Groups and latest state on `backend_url` (Redis or PostgreSQL), and the tokens' secret."""
+    return {
+        "DREAM_WS_BROADCAST_URL": backend_url,
+        "DREAM_WS_STATE_URL": backend_url,
+        "DREAM_WS_JWT_SECRET": JWT_SECRET,
+        **extra,
+    }
 
 
 @contextlib.contextmanager
@@ -70,10 +108,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(
-    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+    backend_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[UvicornServer, UvicornServer]]:
-    """Servers A and B: two uvicorn processes sharing the session's Redis."""
-    env = server_env(redis_server.url)
+    """Servers A and B: two uvicorn processes sharing the session's Redis, or its PostgreSQL."""
+    env = server_env(backend_url)
     pair = (
         UvicornServer(env, workdir=workdir(tmp_path_factory, "server-a")),
         UvicornServer(env, workdir=workdir(tmp_path_factory, "server-b")),

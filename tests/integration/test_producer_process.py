@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.anyio
 async def test_a_bad_status_raises_value_error_and_publishes_nothing(
-    servers: tuple[UvicornServer, UvicornServer], redis_server: RedisServer, make_token: TokenFactory
+    servers: tuple[UvicornServer, UvicornServer], backend_url: str, make_token: TokenFactory
 ) -> None:
     server_a, _ = servers
     async with connect_dream(server_a, 7, make_token("u7")) as ws:
@@ -28,7 +28,7 @@ async def test_a_bad_status_raises_value_error_and_publishes_nothing(
             producer_call(7, ["https://cdn.example/good.png"], "completed", "the valid one"),
         ]
         since = time.time()
-        outcomes = await asyncio.to_thread(run_producer, redis_server.url, calls)
+        outcomes = await asyncio.to_thread(run_producer, backend_url, calls)
         assert [outcome.get("error") for outcome in outcomes] == ["ValueError", "ValueError", None]
         assert "status must be one of" in outcomes[0]["message"]
         assert outcomes[2] == {"ok": True}
@@ -45,9 +45,9 @@ async def test_a_bad_status_raises_value_error_and_publishes_nothing(
 
 @pytest.mark.anyio
 async def test_a_bad_status_alone_records_no_state(
-    servers: tuple[UvicornServer, UvicornServer], redis_server: RedisServer, make_token: TokenFactory
+    servers: tuple[UvicornServer, UvicornServer], backend_url: str, make_token: TokenFactory
 ) -> None:
-    outcomes = await asyncio.to_thread(run_producer, redis_server.url, [producer_call(13, status="uploading")])
+    outcomes = await asyncio.to_thread(run_producer, backend_url, [producer_call(13, status="uploading")])
     assert outcomes[0]["error"] == "ValueError"
     async with connect_dream(servers[1], 13, make_token("u13")) as ws:
         await established(ws, 13)

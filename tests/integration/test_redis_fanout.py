@@ -1,4 +1,4 @@
-"""Updates from a producer process reach the clients of two servers through Redis, in order."""
+"""Updates from a producer process reach the clients of two servers through the backend, in order."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from .client import SUBPROTOCOL, connect_dream, established, recv_json
 from .conftest import TokenFactory
-from .servers import RedisServer, UvicornServer, producer_call, run_producer
+from .servers import UvicornServer, producer_call, run_producer
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -37,7 +37,7 @@ def assert_update(received: dict[str, Any], sent: dict[str, Any], since: float, 
 
 
 async def test_updates_reach_every_client_of_the_dream_on_both_servers(
-    servers: tuple[UvicornServer, UvicornServer], redis_server: RedisServer, make_token: TokenFactory
+    servers: tuple[UvicornServer, UvicornServer], backend_url: str, make_token: TokenFactory
 ) -> None:
     server_a, server_b = servers
     async with AsyncExitStack() as stack:
@@ -55,7 +55,7 @@ async def test_updates_reach_every_client_of_the_dream_on_both_servers(
         await established(other, 8)
 
         since = time.time()
-        outcomes = await asyncio.to_thread(run_producer, redis_server.url, UPDATES)
+        outcomes = await asyncio.to_thread(run_producer, backend_url, UPDATES)
         until = time.time()
         assert outcomes == [{"ok": True}] * len(UPDATES)
 
@@ -73,12 +73,12 @@ async def test_updates_reach_every_client_of_the_dream_on_both_servers(
         # The dream 8 client got none of them: the next thing it receives is dream 8's update.
         update_8 = producer_call(8, ["https://cdn.example/8.png"], "failed", "no GPU")
         since = time.time()
-        assert await asyncio.to_thread(run_producer, redis_server.url, [update_8]) == [{"ok": True}]
+        assert await asyncio.to_thread(run_producer, backend_url, [update_8]) == [{"ok": True}]
         assert_update(await recv_json(other), update_8, since, time.time())
 
 
 async def test_a_client_that_leaves_does_not_stop_delivery_to_the_others(
-    servers: tuple[UvicornServer, UvicornServer], redis_server: RedisServer, make_token: TokenFactory
+    servers: tuple[UvicornServer, UvicornServer], backend_url: str, make_token: TokenFactory
 ) -> None:
     """The last local member leaving unsubscribes that server only; a rejoin subscribes again."""
     server_a, server_b = servers
@@ -91,7 +91,7 @@ async def test_a_client_that_leaves_does_not_stop_delivery_to_the_others(
             await established(rejoins, 7)
             update = producer_call(7, ["https://cdn.example/x.png"], "completed", None)
             since = time.time()
-            assert await asyncio.to_thread(run_producer, redis_server.url, [update]) == [{"ok": True}]
+            assert await asyncio.to_thread(run_producer, backend_url, [update]) == [{"ok": True}]
             until = time.time()
             first, second = await recv_json(stays), await recv_json(rejoins)
             assert_update(first, update, since, until)

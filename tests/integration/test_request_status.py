@@ -1,4 +1,4 @@
-"""`request_status` answers from the latest state a producer process recorded in Redis."""
+"""`request_status` answers from the latest state a producer process recorded in the backend."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import pytest
 
 from .client import connect_dream, established, recv_json, send_json
 from .conftest import TokenFactory
-from .servers import RedisServer, UvicornServer, producer_call, run_producer
+from .servers import UvicornServer, producer_call, run_producer
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
 
 async def test_request_status_returns_the_latest_update_on_either_server(
-    servers: tuple[UvicornServer, UvicornServer], redis_server: RedisServer, make_token: TokenFactory
+    servers: tuple[UvicornServer, UvicornServer], backend_url: str, make_token: TokenFactory
 ) -> None:
     server_a, server_b = servers
     async with (
@@ -27,7 +27,7 @@ async def test_request_status_returns_the_latest_update_on_either_server(
             producer_call(7, None, "processing", "queued"),
             producer_call(7, ["https://cdn.example/7/final.png"], "completed", None),
         ]
-        assert await asyncio.to_thread(run_producer, redis_server.url, calls) == [{"ok": True}] * 2
+        assert await asyncio.to_thread(run_producer, backend_url, calls) == [{"ok": True}] * 2
         pushed = [await recv_json(on_a) for _ in calls]
         assert pushed == [await recv_json(on_b) for _ in calls]
         latest = pushed[-1]
@@ -52,12 +52,10 @@ async def test_request_status_returns_the_latest_update_on_either_server(
 
 
 async def test_request_status_of_a_dream_without_updates_is_status_unknown(
-    servers: tuple[UvicornServer, UvicornServer], redis_server: RedisServer, make_token: TokenFactory
+    servers: tuple[UvicornServer, UvicornServer], backend_url: str, make_token: TokenFactory
 ) -> None:
     # Dream 7 has a state, dream 9 has none: the answer must not leak another dream's state.
-    assert await asyncio.to_thread(run_producer, redis_server.url, [producer_call(7, status="failed")]) == [
-        {"ok": True}
-    ]
+    assert await asyncio.to_thread(run_producer, backend_url, [producer_call(7, status="failed")]) == [{"ok": True}]
     for server in servers:
         async with connect_dream(server, 9, make_token("u9"), "header") as ws:
             await established(ws, 9)
@@ -69,12 +67,12 @@ async def test_request_status_of_a_dream_without_updates_is_status_unknown(
 
 
 async def test_the_latest_state_is_shared_with_a_client_that_connects_later(
-    servers: tuple[UvicornServer, UvicornServer], redis_server: RedisServer, make_token: TokenFactory
+    servers: tuple[UvicornServer, UvicornServer], backend_url: str, make_token: TokenFactory
 ) -> None:
     """Published while nobody watched: a late joiner on the other server can still catch up."""
     _, server_b = servers
     update = producer_call(11, ["https://cdn.example/11.png"], "delete_processing", "removing")
-    assert await asyncio.to_thread(run_producer, redis_server.url, [update]) == [{"ok": True}]
+    assert await asyncio.to_thread(run_producer, backend_url, [update]) == [{"ok": True}]
     async with connect_dream(server_b, 11, make_token("u11")) as ws:
         await established(ws, 11)
         await send_json(ws, {"type": "request_status", "dream_id": 11})
