@@ -64,7 +64,10 @@ class HistoryBackend(Protocol):
 
 
 def create_backend(url: str, settings: Settings | None = None) -> BroadcastBackend:
-    """The backend for a URL: ours for Redis and PostgreSQL, broadcaster's for the others."""
+    """The backend for a URL: broadcaster's for memory, ours for Redis and PostgreSQL.
+
+    Any other `BroadcastBackend` can be used by passing a factory to `GroupLayer`.
+    """
     scheme = urlsplit(url).scheme
     if scheme in ("redis", "rediss"):
         from .redis_pubsub import RedisPubSubBackend
@@ -76,20 +79,12 @@ def create_backend(url: str, settings: Settings | None = None) -> BroadcastBacke
         from broadcaster._backends.memory import MemoryBackend
 
         return MemoryBackend(url)
-    if scheme == "redis-stream":
-        from broadcaster._backends.redis import RedisStreamBackend
-
-        return RedisStreamBackend(url)
     if scheme in ("postgres", "postgresql"):
         from .postgres import PostgresBackend
 
         if settings is None:
             return PostgresBackend(url)
         return PostgresBackend(url, ttl=settings.state_ttl, history_size=settings.history_size)
-    if scheme == "kafka":
-        from broadcaster._backends.kafka import KafkaBackend
-
-        return KafkaBackend(url)
     raise ValueError(f"unsupported broadcast URL scheme: {scheme!r}")
 
 

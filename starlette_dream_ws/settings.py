@@ -17,9 +17,21 @@ ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
 
-# Schemes with a working groups backend; `redis-stream`, `postgres` and `kafka` are
-# broadcaster's own, see layer.create_backend.
-BROADCAST_SCHEMES = frozenset({"memory", "redis", "rediss", "redis-stream", "postgres", "postgresql", "kafka"})
+# Schemes with a groups backend that is tested here against a real server, reconnects after a
+# lost connection and catches up on what it missed (memory is one process: nothing to lose).
+BROADCAST_SCHEMES = frozenset({"memory", "redis", "rediss", "postgres", "postgresql"})
+# broadcaster's other schemes, and why they are refused rather than half-working.
+REFUSED_SCHEMES = {
+    "redis-stream": (
+        "broadcaster's Redis stream backend polls one message per round trip, raises nothing useful "
+        "when Redis goes away and skips what was published meanwhile; use redis://, which keeps a "
+        "stream per group itself"
+    ),
+    "kafka": (
+        "broadcaster's Kafka backend is not tested here (no Kafka server to test against) and neither "
+        "detects a lost connection nor catches up on what was published meanwhile"
+    ),
+}
 STATE_SCHEMES = frozenset({"memory", "redis", "rediss", "postgres", "postgresql"})
 
 
@@ -76,6 +88,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         scheme = urlsplit(self.broadcast_url).scheme
+        if scheme in REFUSED_SCHEMES:
+            raise ConfigurationError(f"broadcast_url scheme {scheme!r} is not supported: {REFUSED_SCHEMES[scheme]}")
         if scheme not in BROADCAST_SCHEMES:
             raise ConfigurationError(
                 f"broadcast_url scheme {scheme!r} is not supported; use one of {sorted(BROADCAST_SCHEMES)}"

@@ -24,7 +24,7 @@ def test_a_postgres_url_needs_no_other_setting(url: str) -> None:
 
 
 def test_postgres_state_beside_another_broadcast_backend_is_accepted() -> None:
-    settings = Settings(broadcast_url="kafka://broker:9092", state_url="postgresql://db/dreams")
+    settings = Settings(broadcast_url="redis://cache:6379/0", state_url="postgresql://db/dreams")
     assert isinstance(create_state_store(settings.effective_state_url), PostgresStateStore)
     with pytest.raises(ConfigurationError):
         Settings(broadcast_url="memory://", state_url="postgresql://db/dreams")

@@ -107,7 +107,8 @@ def test_keywords_override_the_environment() -> None:
         pytest.param({"publish_retries": -1}, id="negative retries"),
         pytest.param({"broadcast_url": "memory://", "state_url": "redis://localhost"}, id="memory with redis state"),
         pytest.param({"broadcast_url": "redis://localhost", "state_url": "memory://"}, id="redis with memory state"),
-        pytest.param({"broadcast_url": "kafka://localhost:9092"}, id="kafka without a redis state url"),
+        pytest.param({"broadcast_url": "kafka://localhost:9092", "state_url": "redis://x"}, id="kafka refused"),
+        pytest.param({"broadcast_url": "redis-stream://host", "state_url": "redis://x"}, id="redis-stream refused"),
     ],
 )
 def test_invalid_settings_raise_configuration_error(kwargs: dict[str, Any]) -> None:
