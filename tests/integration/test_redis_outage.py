@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection
 
-from .client import Transport, connect_dream, established, recv_json, send_json
+from .client import connect_dream, established, recv_json, send_json
 from .conftest import TokenFactory, server_env, serving, workdir
+from .outage import check_delivery_across_outage
 from .servers import ProducerProcess, RedisServer, UvicornServer, producer_call, run_producer
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -111,24 +109,6 @@ async def test_producer_retries_through_an_outage_and_the_server_reconnects(
         assert last["status"] == "delete_processing" and last["images"] == ["https://cdn.example/21/b.png"]
 
 
-UPDATES = 120
-PACE = 0.025  # seconds between two updates of the producer: a steady stream across the outage
-DOWN_FOR = 5.0
-CLIENTS_PER_SERVER = 3
-
-
-async def _collect(ws: ClientConnection, until: str, into: list[dict[str, Any]], started: asyncio.Event) -> None:
-    """Record every image_update until the one whose message is `until`."""
-    while True:
-        message = await recv_json(ws, timeout=30.0)
-        if message["type"] != "image_update":
-            continue
-        into.append(message)
-        started.set()
-        if message["message"] == until:
-            return
-
-
 async def test_every_update_that_returned_reaches_every_client_across_an_outage(
     outage_redis: RedisServer,
     outage_servers: tuple[UvicornServer, UvicornServer],
@@ -136,66 +116,6 @@ async def test_every_update_that_returned_reaches_every_client_across_an_outage(
     request: pytest.FixtureRequest,
 ) -> None:
     """Redis stops for 5 s mid-stream and restarts empty on the same port; 6 clients on 2 servers."""
-    for server in outage_servers:
-        await asyncio.to_thread(server.wait_backend_connected, 15.0)
-    befores = [(await asyncio.to_thread(s.wait_backend_connected))["backend_reconnects"] for s in outage_servers]
-    async with contextlib.AsyncExitStack() as stack:
-        clients = []
-        for server in outage_servers:
-            for n in range(CLIENTS_PER_SERVER):
-                transport: Transport = ("query", "header", "subprotocol")[n % 3]
-                ws = await stack.enter_async_context(connect_dream(server, 31, make_token("u31"), transport))
-                await established(ws, 31)
-                clients.append(ws)
-        received: list[list[dict[str, Any]]] = [[] for _ in clients]
-        started = [asyncio.Event() for _ in clients]
-        readers = [
-            asyncio.create_task(_collect(ws, "end", into, event))
-            for ws, into, event in zip(clients, received, started, strict=True)
-        ]
-
-        calls = [
-            {**producer_call(31, [f"https://cdn.example/31/{i}.png"], "processing", f"seq={i}"), "pause_before": PACE}
-            for i in range(UPDATES)
-        ]
-        producer = ProducerProcess(outage_redis.url, calls)
-        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 15.0)
-
-        outage_redis.stop()
-        # This sleep is the outage itself: Redis stays down while the producer keeps calling.
-        await asyncio.sleep(DOWN_FOR)
-        outage_redis.start()
-        back_at = time.monotonic()
-        reconnected_after = []
-        for server in outage_servers:
-            await asyncio.to_thread(server.wait_backend_connected, 15.0)
-            reconnected_after.append(time.monotonic() - back_at)
-
-        outcomes = await asyncio.to_thread(producer.result, 60.0)
-        returned = {f"seq={i}" for i, outcome in enumerate(outcomes) if outcome == {"ok": True}}
-        final = producer_call(31, [], "completed", "end")
-        assert await asyncio.to_thread(run_producer, outage_redis.url, [final]) == [{"ok": True}]
-        await asyncio.wait_for(asyncio.gather(*readers), 30.0)
-
-    sent_during_outage = UPDATES - len(returned)
-    for messages in received:
-        got = [message["message"] for message in messages]
-        assert got[-1] == "end"
-        missing = returned - set(got)
-        assert not missing, f"{len(missing)} updates that returned normally never arrived: {sorted(missing)[:10]}"
-        sequence = [int(text.removeprefix("seq=")) for text in got[:-1]]
-        assert sequence == sorted(sequence), "updates arrived out of order"
-    duplicates = max(len(m) - len({x["message"] for x in m}) for m in received)
-    for server, before in zip(outage_servers, befores, strict=True):
-        assert (await asyncio.to_thread(server.wait_backend_connected))["backend_reconnects"] > before
-    figures = {
-        "updates_sent": UPDATES,
-        "returned_normally": len(returned),
-        "raised": sent_during_outage,
-        "clients": len(clients),
-        "received_per_client": [len(m) - 1 for m in received],
-        "max_duplicates_per_client": duplicates,
-        "reconnect_seconds_after_redis_back": [round(t, 2) for t in reconnected_after],
-    }
+    figures = await check_delivery_across_outage(outage_redis, outage_servers, make_token, updates=120, down_for=5.0)
     request.node.user_properties.append(("outage_figures", figures))
-    print("outage figures:", figures)
+    print("redis outage figures:", figures)
