@@ -36,7 +36,11 @@ export interface ImageUpdate extends Message {
 
 export interface ErrorMessage extends Message {
   type: 'error';
-  /** Machine-readable, e.g. `unauthenticated`, `forbidden`, `token_unavailable` (from getToken). */
+  /**
+   * Machine-readable: the server's (`unauthenticated`, `forbidden`, ...) or the client's own:
+   * `token_unavailable` (getToken failed), `invalid_token` (not sendable: auth_failed follows, after
+   * one retry with getToken), `connect_failed` (the browser refused to open the WebSocket).
+   */
   code: string;
   message: string;
 }
@@ -70,7 +74,10 @@ export interface DreamSocketOptions {
   url?: string;
   /** A JWT, sent in the subprotocol list (never in the URL). */
   token?: string;
-  /** Returns a fresh JWT; called before each reconnect, and allows one retry after close 4401. */
+  /**
+   * Returns a fresh JWT; called before each reconnect, and allows one retry after close 4401.
+   * Surrounding whitespace is ignored.
+   */
   getToken?: () => string | Promise<string>;
   /** Milliseconds between pings until the server announces its interval (default 30000). */
   heartbeatInterval?: number;

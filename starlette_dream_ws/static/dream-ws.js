@@ -10,6 +10,9 @@ const TOKEN_PREFIX = 'dream-ws.bearer.';
 const UNAUTHENTICATED = 4401;
 const FORBIDDEN = 4403;
 const HEARTBEAT_TIMEOUT = 4408;
+// What a subprotocol may hold (an HTTP token, RFC 9110): a JWT always fits; on anything else
+// `new WebSocket` throws.
+const SUBPROTOCOL_TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 
 /** @typedef {'connecting' | 'open' | 'reconnecting' | 'closed' | 'auth_failed'} ConnectionState */
 
@@ -39,7 +42,7 @@ const HEARTBEAT_TIMEOUT = 4408;
  *   the page's host.
  * @property {string} [token] A JWT. Sent in the subprotocol list, never in the URL.
  * @property {() => string | Promise<string>} [getToken] Returns a (fresh) JWT; called before each
- *   reconnect, and allows one retry after a 4401 close.
+ *   reconnect, and allows one retry after a 4401 close. Surrounding whitespace is ignored.
  * @property {number} [heartbeatInterval=30000] ms between pings until the server announces its own.
  * @property {number} [connectTimeout=10000] ms a handshake may take before the attempt is dropped.
  * @property {number} [backoffBase=500] ms, the first reconnect delay ceiling.
@@ -199,15 +202,32 @@ export class DreamSocket {
       } catch (error) {
         if (run !== this._run) return;
         this._emit('error', { type: 'error', code: 'token_unavailable', message: String(/** @type {any} */ (error)?.message ?? error) });
-        this._scheduleReconnect({});
+        if (run === this._run) this._scheduleReconnect({}); // unless a listener called close()
         return;
       }
     }
     if (run !== this._run) return; // closed while waiting for the token
+    if (typeof token === 'string') token = token.trim(); // e.g. read with `response.text()`
+    if (token && !SUBPROTOCOL_TOKEN.test(token)) {
+      // Not a JWT, and `new WebSocket` would throw on it: refused as the server refuses a bad token.
+      this.lastError = { type: 'error', code: 'invalid_token', message: 'the token has characters a JWT never has' };
+      this._emit('error', this.lastError);
+      if (run === this._run) this._onClose(UNAUTHENTICATED, 'invalid token');
+      return;
+    }
     const WS = this.options.WebSocket ?? globalThis.WebSocket;
-    // The token travels as a subprotocol, which keeps it out of URLs and access logs; the
-    // server selects only `dream-ws.v1`, never echoing the token.
-    const ws = new WS(this.url, token ? [SUBPROTOCOL, TOKEN_PREFIX + token] : [SUBPROTOCOL]);
+    /** @type {WebSocket} */
+    let ws;
+    try {
+      // The token travels as a subprotocol, which keeps it out of URLs and access logs; the
+      // server selects only `dream-ws.v1`, never echoing the token.
+      ws = new WS(this.url, token ? [SUBPROTOCOL, TOKEN_PREFIX + token] : [SUBPROTOCOL]);
+    } catch (error) {
+      // The browser refused to even try (a URL it rejects, mixed content): say so, try again later.
+      this._emit('error', { type: 'error', code: 'connect_failed', message: String(/** @type {any} */ (error)?.message ?? error) });
+      if (run === this._run) this._scheduleReconnect({});
+      return;
+    }
     this._ws = ws;
     ws.onmessage = (event) => {
       if (this._ws === ws) this._onMessage(event.data);
@@ -290,12 +310,13 @@ export class DreamSocket {
     // Full jitter: clients dropped together (a server restart) come back spread out.
     const wait = delay ?? Math.random() * ceiling;
     this._attempt = Math.min(this._attempt + 1, 30);
-    this._setState({ state: 'reconnecting', ...cause, attempt: this._attempt, delay: Math.round(wait) });
     clearTimeout(this._retryTimer);
     this._retryTimer = setTimeout(() => {
       this._retryTimer = null;
       this._open('reconnecting');
     }, wait);
+    // After the timer is set: a listener that calls close() cancels it.
+    this._setState({ state: 'reconnecting', ...cause, attempt: this._attempt, delay: Math.round(wait) });
   }
 
   _armWatchdog() {
