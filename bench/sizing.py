@@ -67,7 +67,13 @@ async def main(idle: int, fanout: int, updates: int) -> dict[str, object]:
     token = jwt.encode({"sub": "admin", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
     figures: dict[str, object] = {"python": sys.version.split()[0], "uvicorn": UVICORN_ENV}
     with tempfile.TemporaryDirectory() as tmp, RedisServer(workdir=Path(tmp) / "redis") as redis:
-        env = {"DREAM_WS_BROADCAST_URL": redis.url, "DREAM_WS_JWT_SECRET": SECRET, **UVICORN_ENV}
+        env = {
+            "DREAM_WS_BROADCAST_URL": redis.url,
+            "DREAM_WS_JWT_SECRET": SECRET,
+            # one user holds every connection here
+            "DREAM_WS_MAX_CONNECTIONS_PER_USER": "1000000",
+            **UVICORN_ENV,
+        }
         server = UvicornServer(env, "served_app:app", workdir=Path(tmp) / "uvicorn")
         server.start()
         try:

@@ -16,6 +16,7 @@ something to send; when the buffer is full the client is too slow and is closed 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
 import logging
@@ -31,6 +32,7 @@ from starlette.types import Receive, Scope, Send
 from .auth import AuthenticationFailed, TokenVerifier, User, extract_token
 from .heartbeat import Heartbeat
 from .layer import BackendUnavailable, GroupLayer, cancel_and_wait, encode
+from .limits import RateLimiter, origin_allowed
 from .settings import Settings
 
 logger = logging.getLogger("starlette_dream_ws.consumer")
@@ -77,9 +79,16 @@ class ConsumerContext:
     consumers: set[Consumer] = dataclasses.field(default_factory=set)
     #: Set when the last consumer has ended, while the app is shutting down.
     drained: asyncio.Event | None = None
+    #: Open connections per authenticated user id.
+    per_user: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
     def remove(self, consumer: Consumer) -> None:
         self.consumers.discard(consumer)
+        if consumer.counted_user is not None:
+            self.per_user[consumer.counted_user] -= 1
+            if self.per_user[consumer.counted_user] <= 0:
+                del self.per_user[consumer.counted_user]
+            consumer.counted_user = None
         if not self.consumers and self.drained is not None:
             self.drained.set()
 
@@ -114,6 +123,9 @@ class Consumer:
         self._last_seen = time.monotonic()
         self._next_ping = self._last_seen + self.settings.heartbeat_interval
         self.opened_at = time.time()
+        #: The user id this connection counts against in `max_connections_per_user`.
+        self.counted_user: str | None = None
+        self._rate = RateLimiter(self.settings.max_messages_per_second, self.settings.message_burst)
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -124,9 +136,28 @@ class Consumer:
         only 1006. Override to join groups and greet the client, calling this first.
         """
         await self.accept()
+        self.check_origin()
         self.user = self.authenticate()
+        self.count_user(self.user)
         if not await self.authorize():
             raise CloseConnection(CloseCodes.FORBIDDEN, "forbidden", "you may not watch this")
+
+    def check_origin(self) -> None:
+        """Refuse pages of other sites (cross-site WebSocket hijacking) with 1008."""
+        headers = self.connection.headers
+        if not origin_allowed(headers.get("origin"), headers.get("host"), self.settings.allowed_origins):
+            logger.info("origin not allowed (path %s)", self.scope.get("path"))
+            raise CloseConnection(CloseCodes.POLICY_VIOLATION, "origin_not_allowed", "this origin may not connect")
+
+    def count_user(self, user: User) -> None:
+        """Count this connection against its user's limit (1013 past `max_connections_per_user`)."""
+        per_user = self.context.per_user
+        if per_user[user.id] >= self.settings.max_connections_per_user:
+            raise CloseConnection(
+                CloseCodes.TRY_AGAIN_LATER, "too_many_connections", "this user has too many open connections"
+            )
+        per_user[user.id] += 1
+        self.counted_user = user.id
 
     def authenticate(self) -> User:
         if self.context.verifier is None:
@@ -295,6 +326,8 @@ class Consumer:
         code = CloseCodes.NORMAL
         self.context.consumers.add(self)
         try:
+            if len(self.context.consumers) > self.settings.max_connections:
+                raise CloseConnection(CloseCodes.TRY_AGAIN_LATER, "too_many_connections", "the server is full")
             await self.connect()
             if not self._accepted:
                 await self.accept()
@@ -338,6 +371,12 @@ class Consumer:
             if message["type"] == "websocket.disconnect":
                 return int(message.get("code") or CloseCodes.NORMAL)
             self._last_seen = time.monotonic()
+            if not self._rate.take():
+                if self._rate.strikes >= self._rate.burst:
+                    raise CloseConnection(CloseCodes.POLICY_VIOLATION, "rate_limited", "too many messages")
+                if self._rate.strikes == 1:
+                    await self.send_error("rate_limited", "too many messages: this one and any more are dropped")
+                continue
             text = message.get("text")
             if text is None:
                 data = message.get("bytes") or b""

@@ -75,6 +75,16 @@ class Settings:
     max_pending_events: int = 1000
     #: Largest client frame accepted, in bytes (1009 past it).
     max_message_size: int = 64 * 1024
+    #: Client messages per second per connection on average, and the burst allowed above it.
+    #: Over it, messages are dropped with an `error`; `message_burst` drops in a row close with 1008.
+    max_messages_per_second: float = 10.0
+    message_burst: int = 20
+    #: Open connections per app (normally one app per process) and per user (1013 past them).
+    max_connections: int = 20_000
+    max_connections_per_user: int = 32
+    #: Origins browsers may connect from: exact origins (`https://app.example`), or `*` for any.
+    #: Empty: only pages of the host the WebSocket is served from. No Origin (not a browser): allowed.
+    allowed_origins: tuple[str, ...] = ()
 
     #: Publish attempts after the first one, and their backoff (seconds, doubling, capped).
     publish_retries: int = 8
@@ -127,10 +137,12 @@ class Settings:
                 raise ConfigurationError(f"{name} must be positive")
         if self.heartbeat_timeout is not None and self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigurationError("heartbeat_timeout must be longer than heartbeat_interval")
-        if min(self.max_pending_events, self.max_message_size, self.history_size) < 1 or self.publish_retries < 0:
-            raise ConfigurationError(
-                "max_pending_events, max_message_size and history_size must be >= 1, publish_retries >= 0"
-            )
+        counts = ("max_pending_events", "max_message_size", "history_size", "message_burst", "max_connections")
+        for name in (*counts, "max_connections_per_user"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be at least 1")
+        if self.publish_retries < 0 or self.max_messages_per_second <= 0:
+            raise ConfigurationError("publish_retries must be >= 0 and max_messages_per_second positive")
 
     @property
     def effective_state_url(self) -> str:

@@ -124,13 +124,14 @@ class ConsumerTestClient:
         user: str | None = "user",
         token: str | None = None,
         transport: TokenTransport = "query",
+        headers: dict[str, str] | None = None,
     ) -> AsyncIterator[ClientConnection]:
         """Open a connection at `path`, authenticated as `user` (or with `token`; `user=None`
-        and no token sends none)."""
+        and no token sends none), with extra handshake `headers` (an `Origin`, say)."""
         if token is None and user is not None:
             token = self.token(user)
         url = path
-        headers: dict[str, str] = {}
+        headers = dict(headers or {})
         subprotocols: list[str] = []
         if token is not None:
             if transport == "query":
