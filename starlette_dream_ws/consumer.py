@@ -146,8 +146,19 @@ class Consumer:
         """Refuse pages of other sites (cross-site WebSocket hijacking) with 1008."""
         headers = self.connection.headers
         if not origin_allowed(headers.get("origin"), headers.get("host"), self.settings.allowed_origins):
-            logger.info("origin not allowed (path %s)", self.scope.get("path"))
+            self.log_event("refused", reason="origin_not_allowed")
             raise CloseConnection(CloseCodes.POLICY_VIOLATION, "origin_not_allowed", "this origin may not connect")
+
+    def log_event(self, event: str, level: int = logging.INFO, **fields: Any) -> None:
+        """One structured log line: `event key=value ...`, the fields also in `record.dream_ws`.
+
+        Never given a token: paths come without their query string, users by id.
+        """
+        fields = {"path": self.scope.get("path"), **fields}
+        if self.user is not None:
+            fields.setdefault("user", self.user.id)
+        text = " ".join(f"{key}={value}" for key, value in fields.items())
+        logger.log(level, "%s %s", event, text, extra={"dream_ws": {"event": event, **fields}})
 
     def count_user(self, user: User) -> None:
         """Count this connection against its user's limit (1013 past `max_connections_per_user`)."""
@@ -166,7 +177,7 @@ class Consumer:
         try:
             return self.context.verifier.verify(token)
         except AuthenticationFailed as exc:
-            logger.info("authentication failed: %s (path %s)", exc.reason, self.scope.get("path"))
+            self.log_event("auth_failed", reason=exc.reason)
             raise CloseConnection(CloseCodes.UNAUTHENTICATED, "unauthenticated", exc.message) from None
 
     async def authorize(self) -> bool:
@@ -336,6 +347,7 @@ class Consumer:
             if self._events or self._pending_close is not None:
                 self._start_pump()
             self.context.heartbeat.add(self)
+            self.log_event("connected")
             code = await self._read()
         except CloseConnection as exc:
             await self._close_with(exc)
@@ -432,6 +444,12 @@ class Consumer:
         if pump is not None and pump is not asyncio.current_task():
             await cancel_and_wait(pump)
         self._events.clear()
+        self.log_event(
+            "closed",
+            code=self.close_code or code,
+            by="server" if self.close_code is not None else "client",
+            duration=f"{time.time() - self.opened_at:.3f}",
+        )
         try:
             await self.disconnect(self.close_code or code)
         except Exception:
