@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -110,7 +111,14 @@ class DreamImagesConsumer(Consumer):
         pong: dict[str, Any] = {"type": "pong"}
         if "timestamp" in content:
             pong["timestamp"] = content["timestamp"]
-        await self.send_json(pong)
+        try:
+            # Echoed as sent, unless it cannot be valid JSON in a text frame (NaN, lone surrogates).
+            text = json.dumps(pong, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+            text.encode("utf-8")
+        except (ValueError, RecursionError, UnicodeEncodeError):
+            await self.send_error("invalid_message", "the timestamp cannot be echoed as JSON")
+            return
+        await self.send_text(text)
 
     async def receive_pong(self, content: dict[str, Any]) -> None:
         """Liveness only: any frame already counts."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import pytest
@@ -160,3 +161,15 @@ async def test_bad_input_on_one_connection_does_not_affect_another(make_app: Mak
             await asend_image_update(1, status="completed")
             assert (await good.receive_json())["status"] == "completed"
             await _still_open(good)
+
+
+@pytest.mark.parametrize("stamp", [float("nan"), float("inf"), float("-inf"), "\ud800", ["ok", "\udfff"]])
+async def test_a_ping_timestamp_that_cannot_be_echoed_is_an_error(make_app: MakeApp, stamp: object) -> None:
+    async with ConsumerTestClient(make_app()) as client:
+        async with client.connect("/dreams/1") as ws:
+            await _greeted(ws)
+            # Sent as raw JSON: NaN/Infinity and lone surrogates are what a sloppy client emits.
+            await ws.send_text(json.dumps({"type": "ping", "timestamp": stamp}))
+            answer = await ws.receive_json()
+            assert (answer["type"], answer["code"]) == ("error", "invalid_message")
+            await _still_open(ws)
