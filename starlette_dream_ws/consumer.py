@@ -307,8 +307,9 @@ class Consumer:
         if not _TYPE_NAME.fullmatch(kind):
             return None
         name = prefix + kind.replace(".", "_")
-        if not prefix and (name.startswith("receive_") or hasattr(Consumer, name)):
-            # Events may not call client handlers or the life-cycle API.
+        if hasattr(Consumer, name) or (not prefix and name.startswith("receive_")):
+            # Nobody reaches the life-cycle API (`receive_json` included) by naming it, and
+            # events may not call client handlers.
             return None
         handler = getattr(self, name, None)
         return handler if callable(handler) else None

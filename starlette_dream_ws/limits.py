@@ -49,5 +49,9 @@ def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str])
     if origin in allowed:
         return True
     if not allowed:
-        return host is not None and urlsplit(origin).netloc.lower() == host.lower()
+        try:
+            netloc = urlsplit(origin).netloc
+        except ValueError:  # e.g. "http://[::1": not an origin a browser sends
+            return False
+        return host is not None and netloc.lower() == host.lower()
     return False

@@ -20,12 +20,13 @@ package's loggers must log nothing at ERROR level and no traceback.
 
 The transport (wsproto, as any real server) encodes text frames as strict UTF-8, so lone
 surrogates cannot be sent as text frames; they reach the server only as JSON escapes
-(`"\\ud800"`), which the strategies produce. A few inputs hit known package bugs and are not
-sent by the fuzz tests (they are counted as "known bug" skips); each bug has a strict `xfail`
-test at the end of this file.
+(`"\\ud800"`), which the strategies produce. Inputs that hit a known, open package bug are not
+sent (they are counted as "known bug" skips); each open bug has a strict `xfail` test at the end
+of this file, and each fixed one a regression test.
 
-`DREAM_WS_FUZZ_EXAMPLES` sets the examples per test (default 60: the file runs in well under
-30 s); the number of frames sent is printed and recorded in each test's `user_properties`.
+`DREAM_WS_FUZZ_EXAMPLES` sets the examples per test (default 200: the file runs in about 15 s).
+The number of cases (frames sent and handshakes) is printed at the end of the module and
+recorded as `fuzz_cases` in each test's `user_properties`.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 import pytest
@@ -58,7 +60,7 @@ from .conftest import SECRET
 
 MakeApp = Callable[..., DreamWebSocketApp]
 
-EXAMPLES = int(os.environ.get("DREAM_WS_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("DREAM_WS_FUZZ_EXAMPLES", "200"))
 LIMIT = 4096  # max_message_size of the fuzzed app: small, for speed
 DREAM = 7
 FUZZ_USER = "fuzzer"
@@ -72,6 +74,7 @@ DOCUMENTED_CLOSES = {1000, 1001, 1008, 1009, 1013, 4401, 4403, 4408}
 #: Closes that timers and limits may cause at any moment, with the error that must precede them.
 TIMER_CLOSES = {1013: "too_slow", 4408: "heartbeat_timeout", 4401: "token_expired", 1008: "rate_limited"}
 HANDLED = {"ping", "pong", "request_status", "refresh_token"}
+HOST = "testserver"  # the Host header of ConsumerTestClient's requests
 
 #: Frames sent, examples run, and notable outcomes, over the whole module.
 FUZZ_COUNTS: collections.Counter[str] = collections.Counter()
@@ -79,7 +82,6 @@ FUZZ_COUNTS: collections.Counter[str] = collections.Counter()
 FUZZ_SETTINGS = settings(
     max_examples=EXAMPLES,
     deadline=None,
-    database=None,  # no .hypothesis/ directory in the repository
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
@@ -113,7 +115,7 @@ EDGE_CHARS = [
 SURROGATES = ["\ud800", "\udbff", "\udc00", "\udfff"]
 
 #: Strings of any characters, with the edge cases (some are several code points) mixed in.
-frame_text = st.lists(st.one_of(st.characters(), st.sampled_from(EDGE_CHARS)), max_size=40).map("".join)
+frame_text = st.lists(st.one_of(st.characters(codec="utf-8"), st.sampled_from(EDGE_CHARS)), max_size=40).map("".join)
 json_text = st.lists(st.one_of(st.characters(), st.sampled_from(EDGE_CHARS + SURROGATES)), max_size=40).map("".join)
 
 METHOD_NAMES = sorted(
@@ -348,9 +350,15 @@ json_frames = st.one_of(
     value_texts.map(lambda v: '{"type":' + v + "}"),
 ).map(Frame)
 
+
+def _typed(kind: Any, extra: dict[str, Any]) -> Frame:
+    return Frame(_dumps({**extra, "type": kind}))
+
+
 type_frames = st.builds(
-    lambda kind, extra: Frame(_dumps({**extra, "type": kind})),
+    _typed,
     st.one_of(
+        st.sampled_from(METHOD_NAMES),  # twice as likely as in type_names alone
         type_names,
         st.integers(),
         st.none(),
@@ -384,17 +392,51 @@ request_status_frames = st.one_of(
 
 timestamps = st.one_of(
     json_values,
-    st.floats(allow_nan=False, allow_infinity=False),
+    st.floats(),
     st.integers(min_value=-(10**40), max_value=10**40),
     frame_text,
+    json_text,
+    st.sampled_from(SURROGATES),
     st.integers(LIMIT - 200, LIMIT - 40).map(lambda n: "\u00e9" * (n // 2)),
 )
 ping_frames = st.one_of(
     st.builds(lambda ts: Frame(_message(type="ping", timestamp=ts)), timestamps),
     st.sampled_from(RAW_NUMBERS).map(lambda n: Frame('{"type":"ping","timestamp":' + n + "}")),
     huge_array().map(lambda a: Frame('{"type":"ping","timestamp":' + a + "}")),
-    deep_json(max_depth=LENIENT_DEPTH).map(lambda d: Frame('{"type":"ping","timestamp":' + d + "}")),
+    deep_json().map(lambda d: Frame('{"type":"ping","timestamp":' + d + "}")),
     st.just(Frame('{"type":"ping"}')),
+)
+
+#: Origin headers: what browsers send, the host's own, and malformed ones. Printable ASCII:
+#: httpx (as any client) refuses control characters in headers, and strips spaces at the ends.
+origin_chars = st.characters(min_codepoint=0x21, max_codepoint=0x7E)
+origins = st.one_of(
+    st.sampled_from(
+        [
+            f"http://{HOST}",
+            f"https://{HOST}",
+            f"http://{HOST.upper()}",
+            f"http://{HOST}:80",
+            f"http://{HOST}.evil.example",
+            f"http://evil.example#{HOST}",
+            f"http://user@{HOST}",
+            f"http://{HOST}/path",
+            "null",
+            "file://",
+            "http://[::1]",
+            "http://[::1",
+            "http://[",
+            "http://]",
+            "https://app.example",
+            "*",
+        ]
+    ),
+    st.builds(
+        lambda scheme, host: f"{scheme}://{host}",
+        st.sampled_from(["http", "https", "ws", "x"]),
+        st.text(origin_chars, max_size=20),
+    ),
+    st.text(origin_chars, min_size=1, max_size=30),
 )
 
 refresh_frames = st.builds(lambda token: Frame(_message(type="refresh_token", token=token)), tokens())
@@ -441,23 +483,19 @@ def _walk(value: Any) -> Iterator[Any]:
             stack.extend(item)
 
 
-def _known_bug(content: Any, text: str) -> str | None:
-    """The package bug this message would hit (each has an xfail test below), if any."""
-    if not isinstance(content, dict) or not isinstance(content.get("type"), str):
-        return None
-    kind = content["type"]
-    if kind == "json":
-        return "type 'json' recurses into receive_json"
-    if kind.replace(".", "_") == "ping" and "timestamp" in content:
-        echoed = content["timestamp"]
-        if _nesting(text) > LENIENT_DEPTH:
-            return "a deep timestamp fails to encode"
-        for item in _walk(echoed):
-            if isinstance(item, float) and not math.isfinite(item):
-                return "non-finite timestamp echoed as NaN/Infinity"
-            if isinstance(item, str) and not _encodable(item):
-                return "lone surrogate echoed into a text frame"
+def _known_bug(content: Any) -> str | None:
+    """The open package bug this message would hit, if any (none is open now)."""
     return None
+
+
+def _json_text(value: Any) -> bool:
+    """Can `value` be written as strict JSON in a text frame (no NaN/Infinity, no lone surrogate)?"""
+    for item in _walk(value):
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, str) and not _encodable(item):
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -493,17 +531,23 @@ def expected(frame: Frame, latest: dict[str, Any] | None) -> tuple[list[Outcome]
         content = json.loads(payload)
     except (ValueError, RecursionError):
         return [Outcome("error", "invalid_json")], None
-    bug = _known_bug(content, payload)
+    bug = _known_bug(content)
     if not isinstance(content, dict) or not isinstance(content.get("type"), str):
         return [Outcome("error", "invalid_message"), *lenient], bug
     kind = content["type"].replace(".", "_")
     if kind not in HANDLED or not re.fullmatch(r"[a-z][a-z0-9_.]{0,63}", content["type"]):
         return [Outcome("error", "unknown_type"), *lenient], bug
     if kind == "ping":
-        pong = {"type": "pong"}
-        if "timestamp" in content:
-            pong["timestamp"] = content["timestamp"]
-        return [Outcome("reply", pong), *lenient], bug
+        if "timestamp" not in content:
+            return [Outcome("reply", {"type": "pong"}), *lenient], bug
+        stamp = content["timestamp"]
+        refused = Outcome("error", "invalid_message")
+        if not _json_text(stamp):
+            # NaN, Infinity (1e400) or a lone surrogate cannot be echoed as JSON text.
+            return [refused, *lenient], bug
+        if lenient:  # so deep that encoding the pong may exceed the recursion limit
+            return [Outcome("reply", {"type": "pong", "timestamp": stamp}), refused, *lenient], bug
+        return [Outcome("reply", {"type": "pong", "timestamp": stamp})], bug
     if kind == "pong":
         return [Outcome("silent"), *lenient], bug
     if kind == "request_status":
@@ -523,6 +567,21 @@ def expected(frame: Frame, latest: dict[str, Any] | None) -> tuple[list[Outcome]
         assert claims is not None
         return [Outcome("refreshed", claims["exp"]), *lenient], bug
     return [Outcome("close", 4401, "unauthenticated"), *lenient], bug
+
+
+CANONICAL_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[a-z0-9.-]+(:[0-9]{1,5})?", re.IGNORECASE)
+
+
+def origin_expected(origin: str) -> tuple[bool | None, str | None]:
+    """May a browser page of `origin` connect with the default (empty) allowlist? `None`: the
+    protocol does not say (not an origin a browser sends). And a known bug it would hit."""
+    try:
+        urlsplit(origin)
+    except ValueError:
+        return False, "a malformed Origin makes urlsplit raise: 1011"
+    if origin == "null" or not CANONICAL_ORIGIN.fullmatch(origin):
+        return (False if origin == "null" else None), None
+    return origin.split("://", 1)[1].lower() == HOST, None
 
 
 # -- checking answers ------------------------------------------------------------------------
@@ -575,6 +634,9 @@ def _timer_close(messages: list[dict[str, Any]], code: int | None) -> bool:
 # -- the harness -----------------------------------------------------------------------------
 
 
+Job = Callable[[], Awaitable[None]]
+
+
 class Harness:
     """One app, one client, a watcher and a fuzzed connection, for all examples of a test.
 
@@ -590,7 +652,7 @@ class Harness:
         self.latest: dict[str, Any] | None = None
         self.counts: collections.Counter[str] = collections.Counter()
         self.published = 0
-        self._queue: asyncio.Queue[tuple[list[Frame], asyncio.Future[None]] | None] | None = None
+        self._queue: asyncio.Queue[tuple[Job, asyncio.Future[None]] | None] | None = None
         self._owner: asyncio.Task[None] | None = None
         self._client: ConsumerTestClient | None = None
         self._watcher: ClientConnection | None = None
@@ -605,7 +667,19 @@ class Harness:
         self.loop.run_until_complete(self._start())
 
     def run(self, frames: list[Frame]) -> None:
-        self.loop.run_until_complete(self._submit(frames))
+        """Send `frames` on the fuzzed connection, checking each answer, then publish."""
+        self._run(lambda: self._example(frames))
+
+    def handshake(self, origin: str) -> None:
+        """Open a connection with this `Origin` header, check the answer, then publish."""
+        self._run(lambda: self._handshake(origin))
+
+    def _run(self, job: Job) -> None:
+        try:
+            self.loop.run_until_complete(self._submit(job))
+        except BaseException:
+            self._log_mark = len(self.caplog.records)  # the next example starts with a clean slate
+            raise
         self.assert_clean_logs()
 
     def stop(self) -> None:
@@ -637,13 +711,13 @@ class Harness:
             self._owner.result()  # raises what failed
         ready.result()
 
-    async def _submit(self, frames: list[Frame]) -> None:
+    async def _submit(self, job: Job) -> None:
         assert self._queue is not None and self._owner is not None
         if self._owner.done():
             self._owner.result()
             raise AssertionError("the harness stopped")
         verdict: asyncio.Future[None] = self.loop.create_future()
-        await self._queue.put((frames, verdict))
+        await self._queue.put((job, verdict))
         await asyncio.wait({verdict, self._owner}, return_when=asyncio.FIRST_COMPLETED)
         if not verdict.done():
             self._owner.result()
@@ -663,9 +737,9 @@ class Harness:
                 ready.set_result(None)
                 assert self._queue is not None
                 while (job := await self._queue.get()) is not None:
-                    frames, verdict = job
+                    run_job, verdict = job
                     try:
-                        await self._example(frames)
+                        await run_job()
                     except BaseException as exc:
                         # Start the next example (a shrink, say) from fresh connections.
                         errors = await self._close_connections()
@@ -733,6 +807,7 @@ class Harness:
         ws = self._fuzzed
         assert ws is not None
         self.counts["frames"] += 1
+        self.counts["cases"] += 1
         probe = f"probe-{self.counts['frames']}"
         if isinstance(frame.payload, bytes):
             await ws.send_bytes(frame.payload)
@@ -770,6 +845,32 @@ class Harness:
                 return messages, None
             messages.append(message)
 
+    async def _handshake(self, origin: str) -> None:
+        assert self._client is not None
+        self.counts["examples"] += 1
+        self.counts["handshakes"] += 1
+        self.counts["cases"] += 1
+        allowed, bug = origin_expected(origin)
+        if bug is not None:
+            self.counts[f"skipped (known bug: {bug})"] += 1
+            return
+        async with self._client.connect(f"/dreams/{DREAM}", user="visitor", headers={"Origin": origin}) as ws:
+            try:
+                first = await ws.receive_json(timeout=TIMEOUT)
+            except WebSocketDisconnect as exc:
+                raise AssertionError(f"Origin {origin!r}: closed with {exc.code} before any message") from None
+            _check_message(first)
+            if first["type"] == "connection_established":
+                assert allowed is not False, f"Origin {origin!r} of another site was let in"
+                self.counts["origin allowed"] += 1
+            else:
+                assert allowed is not True, f"Origin {origin!r}: refused with {first}"
+                assert first.get("code") == "origin_not_allowed", (origin, first)
+                code, rest = await ws.expect_close(timeout=TIMEOUT)
+                assert (code, rest) == (1008, []), (origin, code, rest)
+                self.counts["origin refused"] += 1
+        await self._publish_and_check()
+
     async def _publish_and_check(self) -> None:
         """The watcher (and the fuzzed connection) still get every update of the dream."""
         self.published += 1
@@ -806,9 +907,9 @@ def harness(make_app: MakeApp, caplog: pytest.LogCaptureFixture, request: pytest
         elapsed = time.monotonic() - started
         FUZZ_COUNTS.update(fuzz.counts)
         FUZZ_COUNTS["seconds"] += round(elapsed, 2)
-        request.node.user_properties.append(("fuzz_cases", fuzz.counts["frames"]))
+        request.node.user_properties.append(("fuzz_cases", fuzz.counts["cases"]))
         request.node.user_properties.append(("fuzz_counts", dict(fuzz.counts)))
-        print(f"\n{request.node.name}: {fuzz.counts['frames']} frames in {elapsed:.1f} s: {dict(fuzz.counts)}")
+        print(f"\n{request.node.name}: {fuzz.counts['cases']} cases in {elapsed:.1f} s: {dict(fuzz.counts)}")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -817,9 +918,14 @@ def report_fuzz_counts(request: pytest.FixtureRequest) -> Iterator[None]:
     if not FUZZ_COUNTS:
         return
     line = (
-        f"fuzz: {FUZZ_COUNTS['frames']} frames in {FUZZ_COUNTS['examples']} examples "
-        f"({EXAMPLES} per test, DREAM_WS_FUZZ_EXAMPLES), {FUZZ_COUNTS['seconds']:.1f} s; "
-        + ", ".join(f"{key}: {value}" for key, value in sorted(FUZZ_COUNTS.items()) if key not in ("frames", "seconds"))
+        f"fuzz: {FUZZ_COUNTS['cases']} cases ({FUZZ_COUNTS['frames']} frames, {FUZZ_COUNTS['handshakes']} handshakes) "
+        f"in {FUZZ_COUNTS['examples']} examples ({EXAMPLES} per test, DREAM_WS_FUZZ_EXAMPLES), "
+        f"{FUZZ_COUNTS['seconds']:.1f} s; "
+        + ", ".join(
+            f"{key}: {value}"
+            for key, value in sorted(FUZZ_COUNTS.items())
+            if key not in ("cases", "frames", "handshakes", "examples", "seconds")
+        )
     )
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
@@ -875,3 +981,149 @@ def test_refresh_token_with_any_token(harness: Harness, frames: list[Frame]) -> 
 @given(frames=st.lists(all_frames, min_size=1, max_size=8))
 def test_any_sequence_of_frames(harness: Harness, frames: list[Frame]) -> None:
     harness.run(frames)
+
+
+@FUZZ_SETTINGS
+@given(origin=origins)
+def test_origin_header_at_the_handshake(harness: Harness, origin: str) -> None:
+    harness.handshake(origin)
+
+
+# -- helpers for the tests of the bugs the fuzzing found ------------------------------------
+
+
+async def _greeted(ws: ClientConnection) -> None:
+    assert (await ws.receive_json())["type"] == "connection_established"
+
+
+async def _still_open(ws: ClientConnection) -> None:
+    await ws.send_json({"type": "ping", "timestamp": "check"})
+    assert await ws.receive_json() == {"type": "pong", "timestamp": "check"}
+
+
+def _errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        f"{r.name} {r.levelname}: {r.getMessage()}"
+        for r in caplog.records
+        if r.name.startswith("starlette_dream_ws") and (r.levelno >= logging.ERROR or r.exc_info)
+    ]
+
+
+# -- bugs the fuzzing found that are fixed (36587c4): regression tests ----------------------
+
+
+@pytest.mark.anyio
+async def test_a_deeply_nested_timestamp_is_echoed_or_refused(
+    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Was: nested just below the depth json.loads accepts, the pong could not be encoded
+    # (RecursionError): internal_error and a logged traceback.
+    caplog.set_level(logging.DEBUG, logger="starlette_dream_ws")
+    app = make_app(max_message_size=LIMIT, max_messages_per_second=1_000_000.0, message_burst=1_000_000)
+    answers: dict[int, str] = {}
+    async with ConsumerTestClient(app) as client, client.connect("/dreams/1") as ws:
+        await _greeted(ws)
+        # Where the window lies depends on the stack below the connection's task: try them all.
+        for depth in range(LENIENT_DEPTH, (LIMIT - 40) // 2):
+            await ws.send_text('{"type":"ping","timestamp":' + "[" * depth + "]" * depth + "}")
+            answer = await ws.receive_json()
+            answers[depth] = answer["type"] if answer["type"] == "pong" else answer["code"]
+        await _still_open(ws)
+    allowed = ("pong", "invalid_json", "invalid_message")
+    wrong = {depth: answer for depth, answer in answers.items() if answer not in allowed}
+    assert not wrong, f"answers other than {allowed} at depths {sorted(wrong)}: {set(wrong.values())}"
+    assert not _errors_logged(caplog)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "NaN", "Infinity", "[1, -Infinity]"])
+async def test_non_finite_numbers_are_never_sent_back_as_non_json(make_app: MakeApp, number: str) -> None:
+    # Was: json.loads takes 1e400/NaN/Infinity and the pong echoed Infinity/NaN, which is not
+    # JSON: a browser's JSON.parse throws on the frame.
+    async with ConsumerTestClient(make_app()) as client, client.connect("/dreams/1") as ws:
+        await _greeted(ws)
+        await ws.send_text('{"type":"ping","timestamp":' + number + "}")
+        text = await ws.session.receive_text(timeout=TIMEOUT)
+        await _still_open(ws)
+    answer = json.loads(text, parse_constant=_no_constants)  # strict JSON, as in a browser
+    assert (answer["type"], answer["code"]) == ("error", "invalid_message")
+
+
+async def _serve_raw(app: DreamWebSocketApp, frames: list[str], wait: float) -> list[dict[str, Any]]:
+    """Run one connection through the raw ASGI interface, with a `send` that encodes text
+    frames as strict UTF-8 the way uvicorn's WebSocket implementations do; returns what was
+    sent within `wait` seconds of the last frame."""
+    token = jwt.encode({"sub": "u1", "exp": _exp(3600)}, SECRET, algorithm="HS256")
+    incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "scheme": "ws",
+        "http_version": "1.1",
+        "path": "/dreams/1",
+        "raw_path": b"/dreams/1",
+        "root_path": "",
+        "query_string": f"token={token}".encode(),
+        "headers": [(b"host", b"testserver")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+        "subprotocols": [],
+    }
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "websocket.send" and message.get("text") is not None:
+            message["text"].encode("utf-8")  # UnicodeEncodeError, as in websockets and wsproto
+        sent.append(message)
+
+    async with app.lifespan():
+        task = asyncio.create_task(app(scope, incoming.get, send))
+        await incoming.put({"type": "websocket.connect"})
+        for frame in frames:
+            await incoming.put({"type": "websocket.receive", "text": frame})
+        await asyncio.sleep(wait)
+        await incoming.put({"type": "websocket.disconnect", "code": 1000})
+        await asyncio.wait_for(task, TIMEOUT)
+    return sent
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stamp", ['"\\ud800"', '{"\\udfff": 1}', '["ok", "\\udc00"]'])
+async def test_a_lone_surrogate_in_a_timestamp_does_not_silence_the_connection(make_app: MakeApp, stamp: str) -> None:
+    # Was: the JSON-escaped lone surrogate was echoed into a text frame a real server cannot
+    # encode; the failed send marked the connection closed without closing it, so it never
+    # answered again, not even with the heartbeat's 4408: a zombie connection.
+    frames = ['{"type":"ping","timestamp":' + stamp + "}", '{"type":"ping","timestamp":"after"}']
+    sent = await _serve_raw(make_app(), frames, wait=0.2)
+    texts = [json.loads(m["text"]) for m in sent if m["type"] == "websocket.send"]
+    assert [m["type"] for m in texts] == ["connection_established", "error", "pong"], texts
+    assert texts[1]["code"] == "invalid_message"
+    assert texts[2] == {"type": "pong", "timestamp": "after"}
+
+
+# -- regressions of package bugs the fuzzing found ------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_type_json_is_an_unknown_type(make_app: MakeApp, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="starlette_dream_ws")
+    async with ConsumerTestClient(make_app()) as client, client.connect("/dreams/1") as ws:
+        await _greeted(ws)
+        await ws.send_json({"type": "json"})
+        answer = await ws.receive_json()
+        await _still_open(ws)
+    assert (answer["type"], answer["code"]) == ("error", "unknown_type")
+    assert not _errors_logged(caplog)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("origin", ["http://[::1", "http://[", "https://]x"])
+async def test_a_malformed_origin_is_refused_with_1008(
+    make_app: MakeApp, caplog: pytest.LogCaptureFixture, origin: str
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="starlette_dream_ws")
+    async with ConsumerTestClient(make_app()) as client:
+        async with client.connect("/dreams/1", headers={"Origin": origin}) as ws:
+            code, messages = await ws.expect_close()
+    assert (code, [m.get("code") for m in messages]) == (1008, ["origin_not_allowed"])
+    assert not _errors_logged(caplog)
