@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pytest
 import redis
 
-from tests.integration.servers import RedisServer, UvicornServer, _stop
+from tests.integration.servers import RedisServer, UvicornServer, _stop, stop_and_check
 
 from .live_page import ARTIFACTS, ROOT, SUMMARY, TIMELINE_SCRIPT
 
@@ -170,12 +170,7 @@ def start_server(redis_url: str, tmp_path: Path, request: pytest.FixtureRequest)
         return server
 
     yield start
-    problems: list[str] = []
-    for server in started:
-        server.stop()
-        found = server.shutdown_problems()
-        if found:
-            problems += [f"{server.base_url}: {problem}" for problem in found] + [server.log_text()[-4000:]]
+    problems = stop_and_check(started)
     assert not problems, "\n".join(problems)
 
 

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from .postgres import PostgresServer
-from .servers import RedisServer, UvicornServer, start_all
+from .servers import RedisServer, UvicornServer, start_all, stop_and_check
 
 #: HS256 secret shared by the servers and the token helper (>= 32 bytes, as PyJWT wants).
 JWT_SECRET = "integration-secret-0123456789abcdef-0123456789"
@@ -85,16 +85,12 @@ def server_env(backend_url: str, **extra: str) -> dict[str, str]:
 @contextlib.contextmanager
 def serving(*servers: UvicornServer) -> Iterator[None]:
     """Run the servers; afterwards stop them and fail if one did not shut down cleanly."""
-    problems: list[str] = []
     try:
         start_all(servers)
         yield
     finally:
+        problems = stop_and_check(servers)
         for server in servers:
-            server.stop()
-            found = server.shutdown_problems()
-            if found:
-                problems += [f"{server.base_url}: {problem}" for problem in found] + [server.log_text()[-4000:]]
             server.close()
     assert not problems, "\n".join(problems)
 

@@ -327,6 +327,17 @@ class UvicornServer(_ServerProcess):
         return problems
 
 
+def stop_and_check(servers: Iterable[UvicornServer]) -> list[str]:
+    """Stop each server; what went wrong in their shutdowns, each with the end of its log."""
+    problems: list[str] = []
+    for server in servers:
+        server.stop()
+        found = server.shutdown_problems()
+        if found:
+            problems += [f"{server.base_url}: {problem}" for problem in found] + [server.log_text()[-4000:]]
+    return problems
+
+
 def start_all(servers: Iterable[UvicornServer]) -> None:
     """Start several servers side by side (their start-up times overlap)."""
     servers = list(servers)
