@@ -29,7 +29,7 @@ from types import FrameType
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, Router, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
@@ -39,6 +39,7 @@ from .consumer import CloseCodes, CloseConnection, Consumer, ConsumerContext
 from .dreams import DreamImagesConsumer
 from .heartbeat import Heartbeat
 from .layer import BackendUnavailable, GroupLayer
+from .metrics import exposition
 from .producers import register_app_layer, unregister_app_layer
 from .settings import ConfigurationError, Settings
 
@@ -79,6 +80,7 @@ class ConsumerApp:
                 *(WebSocketRoute(path, _ConsumerEndpoint(self, cls)) for path, cls in routes.items()),
                 Route("/dream-ws.js", self._client_script, methods=["GET", "HEAD"]),
                 Route("/health", self._health, methods=["GET"]),
+                Route("/metrics", self._metrics, methods=["GET"]),
             ],
             lifespan=lambda _: self.lifespan(),
         )
@@ -147,9 +149,26 @@ class ConsumerApp:
                 "backend_connected": healthy,
                 "connections": len(self.context.consumers),
                 "backend_reconnects": self.layer.reconnects,
+                "slow_closed": self.context.metrics.slow_closed,
+                "dropped": self.context.metrics.dropped,
             },
             status_code=200 if healthy else 503,
         )
+
+    def metrics_text(self) -> str:
+        """This process's figures in the Prometheus text format (to serve from your own route)."""
+        return exposition(
+            self.context.metrics,
+            self.layer.publish_metrics,
+            open_connections=len(self.context.consumers),
+            backend_connected=self.layer.healthy,
+            backend_reconnects=self.layer.reconnects,
+        )
+
+    async def _metrics(self, request: Request) -> Response:
+        if not self.settings.metrics:
+            return PlainTextResponse("Not Found", status_code=404)
+        return PlainTextResponse(self.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from .auth import AuthenticationFailed, TokenVerifier, User, extract_token
 from .heartbeat import Heartbeat
 from .layer import BackendUnavailable, GroupLayer, cancel_and_wait, encode
 from .limits import RateLimiter, origin_allowed
+from .metrics import ConnectionMetrics
 from .settings import Settings
 
 logger = logging.getLogger("starlette_dream_ws.consumer")
@@ -81,6 +82,7 @@ class ConsumerContext:
     drained: asyncio.Event | None = None
     #: Open connections per authenticated user id.
     per_user: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    metrics: ConnectionMetrics = dataclasses.field(default_factory=ConnectionMetrics)
 
     def remove(self, consumer: Consumer) -> None:
         self.consumers.discard(consumer)
@@ -110,6 +112,7 @@ class Consumer:
         self.close_code: int | None = None
         self._receive = receive
         self._send = send
+        self._metrics = context.metrics
         self._accepted = False
         self._ready = False
         self._close_sent = False
@@ -120,6 +123,9 @@ class Consumer:
         self._reader: asyncio.Task[Any] | None = None
         self._waiting_for_client = False
         self._pending_close: CloseConnection | None = None
+        #: Monotonic time a server-side close began (None: not closing).
+        self._closing_since: float | None = None
+        self._abandoned = False
         self._last_seen = time.monotonic()
         self._next_ping = self._last_seen + self.settings.heartbeat_interval
         self.opened_at = time.time()
@@ -222,6 +228,8 @@ class Consumer:
         except Exception as exc:  # the client went away: the reader sees the disconnect
             logger.debug("send failed: %s", type(exc).__name__)
             self._closed = True
+            return
+        self._metrics.messages_out += 1
 
     async def send_error(self, code: str, message: str) -> None:
         await self.send_json({"type": "error", "code": code, "message": message})
@@ -256,6 +264,8 @@ class Consumer:
             return
         if len(self._events) >= self.settings.max_pending_events:
             self._events.clear()
+            self._metrics.slow_closed += 1
+            self.log_event("too_slow", logging.WARNING, pending=self.settings.max_pending_events)
             self.close_soon(CloseConnection(CloseCodes.TRY_AGAIN_LATER, "too_slow", "too many updates waiting"))
             return
         self._events.append(event)
@@ -267,8 +277,26 @@ class Consumer:
         if self._closed or self._close_sent or self._pending_close is not None:
             return
         self._pending_close = reason
+        self._closing_since = time.monotonic()
         if self._ready:
             self._start_pump()
+
+    def _abandon(self) -> None:
+        # The close has waited `close_timeout` behind bytes the client does not read. ASGI
+        # cannot abort a socket, but ending the connection's tasks frees everything of ours;
+        # the server closes the socket once the application returns.
+        if self._abandoned:
+            return
+        self._abandoned = True
+        if self.close_code is None and self._pending_close is not None:
+            self.close_code = self._pending_close.code
+        self._closed = True
+        self._metrics.dropped += 1
+        self.log_event("dropped", logging.WARNING, reason="close_timeout")
+        if self._pump is not None:
+            self._pump.cancel()
+        if self._reader is not None:
+            self._reader.cancel(STOP_READING)
 
     def _start_pump(self) -> None:
         if self._pump is None:
@@ -317,6 +345,10 @@ class Consumer:
     # -- heartbeat --------------------------------------------------------------------------
 
     def heartbeat(self, now: float) -> None:
+        if self._closing_since is not None:
+            if now - self._closing_since >= self.settings.close_timeout:
+                self._abandon()
+            return
         if now - self._last_seen >= self.settings.effective_heartbeat_timeout:
             self.close_soon(CloseConnection(CloseCodes.HEARTBEAT_TIMEOUT, "heartbeat_timeout", "no message in time"))
             return
@@ -337,6 +369,19 @@ class Consumer:
             return
         code = CloseCodes.NORMAL
         self.context.consumers.add(self)
+        self._reader = asyncio.current_task()
+        try:
+            code = await self._serve()
+        except asyncio.CancelledError as exc:
+            if exc.args != (STOP_READING,):
+                raise
+            assert self._reader is not None
+            self._reader.uncancel()
+            code = self.close_code or CloseCodes.NORMAL
+        finally:
+            await self._teardown(code)
+
+    async def _serve(self) -> int:
         try:
             if len(self.context.consumers) > self.settings.max_connections:
                 raise CloseConnection(CloseCodes.TRY_AGAIN_LATER, "too_many_connections", "the server is full")
@@ -348,17 +393,16 @@ class Consumer:
             if self._events or self._pending_close is not None:
                 self._start_pump()
             self.context.heartbeat.add(self)
+            self._metrics.accepted += 1
             self.log_event("connected")
-            code = await self._read()
+            return await self._read()
         except CloseConnection as exc:
             await self._close_with(exc)
-            code = exc.code
+            return exc.code
         except Exception:
             logger.exception("consumer failed")
             await self._close_with(CloseConnection(1011, "internal_error", "internal error"))
-            code = 1011
-        finally:
-            await self._teardown(code)
+            return 1011
 
     def _stop_reading(self) -> None:
         # After we closed, ASGI servers deliver `websocket.disconnect` once the client answers;
@@ -368,21 +412,16 @@ class Consumer:
 
     async def _read(self) -> int:
         limit = self.settings.max_message_size
-        self._reader = asyncio.current_task()
+        metrics = self._metrics
         while True:
             self._waiting_for_client = True
             try:
                 message = await self._receive()
-            except asyncio.CancelledError as exc:
-                if exc.args != (STOP_READING,):
-                    raise
-                assert self._reader is not None
-                self._reader.uncancel()
-                return self.close_code or CloseCodes.NORMAL
             finally:
                 self._waiting_for_client = False
             if message["type"] == "websocket.disconnect":
                 return int(message.get("code") or CloseCodes.NORMAL)
+            metrics.messages_in += 1
             self._last_seen = time.monotonic()
             if not self._rate.take():
                 if self._rate.strikes >= self._rate.burst:
@@ -422,6 +461,8 @@ class Consumer:
         return CloseConnection(CloseCodes.MESSAGE_TOO_BIG, "message_too_big", f"frames are limited to {limit} bytes")
 
     async def _close_with(self, reason: CloseConnection) -> None:
+        if self._closing_since is None:
+            self._closing_since = time.monotonic()
         if not self._accepted:
             try:
                 await self.accept()
@@ -445,6 +486,7 @@ class Consumer:
         if pump is not None and pump is not asyncio.current_task():
             await cancel_and_wait(pump)
         self._events.clear()
+        self._metrics.closed[self.close_code or code] += 1
         self.log_event(
             "closed",
             code=self.close_code or code,

@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlsplit
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 from broadcaster import Event
 from broadcaster._backends.base import BroadcastBackend
 
+from .metrics import PublishMetrics
 from .settings import Settings
 from .state import StateStore, create_state_store
 
@@ -137,6 +139,7 @@ class GroupLayer:
         self.loop: asyncio.AbstractEventLoop | None = None
         #: How many times the backend connection was re-established.
         self.reconnects = 0
+        self.publish_metrics = PublishMetrics()
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -306,7 +309,18 @@ class GroupLayer:
                 await state.remember(group, text, self.settings.state_ttl)
             await backend.publish(group, text)
 
-        await self.retrying(attempt, what=f"publish to {group}")
+        metrics = self.publish_metrics
+        started = time.perf_counter()
+        try:
+            await self.retrying(attempt, what=f"publish to {group}")
+        except PublishError:
+            metrics.failures += 1
+            logger.error(
+                "publish_failed group=%s", group, extra={"dream_ws": {"event": "publish_failed", "group": group}}
+            )
+            raise
+        metrics.published += 1
+        metrics.seconds.observe(time.perf_counter() - started)
 
     async def latest(self, group: str) -> dict[str, Any] | None:
         """The group's latest remembered message, or None."""
@@ -343,6 +357,7 @@ class GroupLayer:
             except Exception as exc:
                 if attempt == attempts:
                     raise PublishError(f"{what} failed after {attempts} attempts: {type(exc).__name__}") from exc
+                self.publish_metrics.retries += 1
                 logger.warning(
                     "%s failed (%s), attempt %d of %d; retrying in %.2fs",
                     what,
@@ -350,6 +365,14 @@ class GroupLayer:
                     attempt,
                     attempts,
                     delay,
+                    extra={
+                        "dream_ws": {
+                            "event": "publish_retry",
+                            "what": what,
+                            "error": type(exc).__name__,
+                            "attempt": attempt,
+                        }
+                    },
                 )
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, settings.publish_backoff_max)

@@ -73,6 +73,9 @@ class Settings:
 
     #: Events waiting to be sent to one connection; past this the client is too slow (1013).
     max_pending_events: int = 1000
+    #: Seconds a server-side close may wait for a client that does not read; past it the
+    #: connection is dropped without its close frame (its task ends, its buffers are freed).
+    close_timeout: float = 10.0
     #: Largest client frame accepted, in bytes (1009 past it).
     max_message_size: int = 64 * 1024
     #: Client messages per second per connection on average, and the burst allowed above it.
@@ -95,6 +98,9 @@ class Settings:
 
     #: Seconds between reconnect attempts to a lost backend (doubling up to 1 s).
     reconnect_backoff: float = 0.1
+
+    #: Serve Prometheus metrics at `<mount>/metrics` (off: the figures are the integrator's to expose).
+    metrics: bool = False
 
     def __post_init__(self) -> None:
         scheme = urlsplit(self.broadcast_url).scheme
@@ -132,7 +138,8 @@ class Settings:
                 raise ConfigurationError(f"{field.name} must be a finite number")
             if kind.startswith("str") and not isinstance(value, str):
                 raise ConfigurationError(f"{field.name} must be a string")
-        for name in ("heartbeat_interval", "state_ttl", "publish_timeout", "publish_backoff", "reconnect_backoff"):
+        positive = ("heartbeat_interval", "state_ttl", "publish_timeout", "publish_backoff", "reconnect_backoff")
+        for name in (*positive, "close_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive")
         if self.heartbeat_timeout is not None and self.heartbeat_timeout <= self.heartbeat_interval:

@@ -39,7 +39,14 @@ async def test_mounted_app_connects_lazily_and_then_serves(
         await established(ws, 14)
         after = await asyncio.to_thread(mounted_server.health)
         assert after is not None and after[0] == 200, after
-        assert after[1] == {"status": "ok", "backend_connected": True, "connections": 1, "backend_reconnects": 0}
+        assert after[1] == {
+            "status": "ok",
+            "backend_connected": True,
+            "connections": 1,
+            "backend_reconnects": 0,
+            "slow_closed": 0,
+            "dropped": 0,
+        }
 
         update = producer_call(14, ["https://cdn.example/14.png"], "completed", None)
         since = time.time()

@@ -7,8 +7,9 @@ The slow client here is a raw TCP socket that does the WebSocket handshake by ha
 receive buffer, and then stops reading: the kernel buffers fill, uvicorn pauses writing, the
 consumer's send blocks and its buffer overflows. Through ASGI nothing more can be written to
 such a socket, so the `too_slow` error and the 1013 close frame wait behind the bytes already
-queued: the client sees them once it reads again, and only then does the server let go of the
-connection (`test_a_client_that_never_reads_again_is_dropped_within_a_bounded_time`, a known gap).
+queued: the client sees them if it reads again within `close_timeout`. A client that never reads
+again is dropped after `close_timeout`: its task ends and its buffers are freed, and uvicorn
+closes the socket (`test_a_client_that_never_reads_again_is_dropped_within_a_bounded_time`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.request
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -208,6 +210,16 @@ async def wait_connections(server: UvicornServer, expected: int, timeout: float)
     return None
 
 
+def read_metrics(server: UvicornServer) -> dict[str, float]:
+    """The samples of `GET /metrics`, by name with labels."""
+    with urllib.request.urlopen(f"{server.base_url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        name: float(value)
+        for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    }
+
+
 def update_calls(count: int) -> list[dict[str, Any]]:
     """Update i carries `i` (6 digits) at the start of its message, and its own image URL."""
     filler = "x" * (MESSAGE_SIZE - 6)
@@ -340,20 +352,18 @@ async def test_a_client_that_stops_reading_costs_bounded_memory_and_does_not_slo
     assert len(closed_lines) == 1 and "by=server" in closed_lines[0], log
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "known gap: once the socket is stuck, the consumer's pump waits forever in the ASGI send, "
-        "so the too_slow close (and heartbeat, shutdown closes) never go out and the connection "
-        "is held until the client reads or goes away"
-    ),
-)
 async def test_a_client_that_never_reads_again_is_dropped_within_a_bounded_time(
     redis_server: RedisServer, make_token: TokenFactory, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    bound = 10.0
-    server = UvicornServer(slow_env(redis_server.url, tmp_path), workdir=tmp_path / "uvicorn")
+    # The close waits CLOSE_TIMEOUT behind the stuck bytes, then the heartbeat tick (3 s by default)
+    # drops the connection.
+    close_timeout = 2.0
+    bound = close_timeout + 3.0 + 5.0
+    env = slow_env(redis_server.url, tmp_path) | {
+        "DREAM_WS_CLOSE_TIMEOUT": str(close_timeout),
+        "DREAM_WS_METRICS": "true",
+    }
+    server = UvicornServer(env, workdir=tmp_path / "uvicorn")
     path = f"/dreams/{DREAM}?token={make_token(f'u{DREAM}')}"
     with serving(server):
         slow = await asyncio.to_thread(RawWebSocket, server.port, path)
@@ -364,6 +374,7 @@ async def test_a_client_that_never_reads_again_is_dropped_within_a_bounded_time(
             outcomes = await asyncio.to_thread(run_producer, redis_server.url, update_calls(count))
             assert outcomes == [{"ok": True}] * count
             dropped_after = await wait_connections(server, 0, timeout=bound)
+            metrics = await asyncio.to_thread(read_metrics, server)
             # Let the client read, so that the server can shut down (a stuck socket blocks that too).
             messages, close_code, _ = await asyncio.to_thread(slow.drain)
         finally:
@@ -377,3 +388,10 @@ async def test_a_client_that_never_reads_again_is_dropped_within_a_bounded_time(
     if len(delivered) > count - MAX_PENDING:
         pytest.fail(f"the buffer did not overflow: {figures}")
     assert dropped_after is not None, f"still counted in /health {bound}s after its buffer overflowed"
+    assert metrics["dream_ws_slow_closed_total"] == 1, metrics
+    assert metrics["dream_ws_dropped_total"] == 1, metrics
+    assert metrics['dream_ws_connections_closed_total{code="1013"}'] == 1, metrics
+    assert metrics["dream_ws_connections_open"] == 0, metrics
+    log = server.log_text()
+    assert re.search(r"dropped .*reason=close_timeout", log), log
+    assert "Exception in ASGI application" not in log, log
