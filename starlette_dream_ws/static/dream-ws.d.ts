@@ -34,12 +34,20 @@ export interface ImageUpdate extends Message {
   message: string | null;
 }
 
+/** The answer to `refresh_token`: the connection now runs on the new token. */
+export interface TokenRefreshed extends Message {
+  type: 'token_refreshed';
+  /** When the new token expires, in seconds since the epoch; null when it has no `exp`. */
+  expires_at: number | null;
+}
+
 export interface ErrorMessage extends Message {
   type: 'error';
   /**
    * Machine-readable: the server's (`unauthenticated`, `forbidden`, ...) or the client's own:
-   * `token_unavailable` (getToken failed), `invalid_token` (not sendable: auth_failed follows, after
-   * one retry with getToken), `connect_failed` (the browser refused to open the WebSocket).
+   * `token_unavailable` (getToken failed, when connecting or renewing the token), `invalid_token`
+   * (not sendable: auth_failed follows, after one retry with getToken), `connect_failed` (the
+   * browser refused to open the WebSocket).
    */
   code: string;
   message: string;
@@ -64,6 +72,7 @@ export interface DreamSocketEvents {
   message: Message;
   connection_established: ConnectionEstablished;
   image_update: ImageUpdate;
+  token_refreshed: TokenRefreshed;
   /** Server errors (not `status_unknown`, the normal answer for a dream with no update yet). */
   error: ErrorMessage;
 }
@@ -76,9 +85,16 @@ export interface DreamSocketOptions {
   token?: string;
   /**
    * Returns a fresh JWT; called before each reconnect, and allows one retry after close 4401.
-   * Surrounding whitespace is ignored.
+   * Also called before the connection's token expires (its `exp` claim), to renew it in place
+   * with `refresh_token`; on failure retried with backoff until the expiry. Surrounding
+   * whitespace is ignored.
    */
   getToken?: () => string | Promise<string>;
+  /**
+   * Milliseconds before the token's `exp` to renew it (with `getToken`); at most a quarter of
+   * the token's remaining lifetime (default 60000).
+   */
+  refreshMargin?: number;
   /** Milliseconds between pings until the server announces its interval (default 30000). */
   heartbeatInterval?: number;
   /** Milliseconds a handshake may take (default 10000). */

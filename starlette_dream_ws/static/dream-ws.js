@@ -4,6 +4,9 @@
 //   const socket = new DreamSocket({ dreamId: 42, getToken: fetchToken });
 //   socket.on('image_update', (update) => render(update));
 //   socket.on('state', ({ state }) => showConnection(state));
+//
+// With `getToken`, the token of an open connection is also renewed (`refresh_token`) shortly
+// before its `exp`, so that the server does not close a long-lived connection with 4401.
 
 const SUBPROTOCOL = 'dream-ws.v1';
 const TOKEN_PREFIX = 'dream-ws.bearer.';
@@ -13,6 +16,10 @@ const HEARTBEAT_TIMEOUT = 4408;
 // What a subprotocol may hold (an HTTP token, RFC 9110): a JWT always fits; on anything else
 // `new WebSocket` throws.
 const SUBPROTOCOL_TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+// Less time left than this is not worth a refresh: the server closes, reconnecting mends it.
+const MIN_REFRESH_LEAD = 1000;
+// setTimeout runs a longer delay at once.
+const MAX_DELAY = 2 ** 31 - 1;
 
 /** @typedef {'connecting' | 'open' | 'reconnecting' | 'closed' | 'auth_failed'} ConnectionState */
 
@@ -42,7 +49,10 @@ const SUBPROTOCOL_TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
  *   the page's host.
  * @property {string} [token] A JWT. Sent in the subprotocol list, never in the URL.
  * @property {() => string | Promise<string>} [getToken] Returns a (fresh) JWT; called before each
- *   reconnect, and allows one retry after a 4401 close. Surrounding whitespace is ignored.
+ *   reconnect, and allows one retry after a 4401 close. Also called before the connection's token
+ *   expires, to renew it in place. Surrounding whitespace is ignored.
+ * @property {number} [refreshMargin=60000] ms before the token's `exp` to renew it (with
+ *   `getToken`), at most a quarter of the token's remaining lifetime.
  * @property {number} [heartbeatInterval=30000] ms between pings until the server announces its own.
  * @property {number} [connectTimeout=10000] ms a handshake may take before the attempt is dropped.
  * @property {number} [backoffBase=500] ms, the first reconnect delay ceiling.
@@ -66,6 +76,28 @@ function defaultBaseUrl() {
   return `${page.protocol === 'https:' ? 'wss:' : 'ws:'}//${page.host}/ws`;
 }
 
+/**
+ * When a JWT expires, from its `exp` claim (the token is not verified: only the server can).
+ * @param {unknown} token
+ * @returns {number | null} ms since the epoch; null for a token that is not a JWT or has no `exp`
+ */
+function expiryOf(token) {
+  const parts = typeof token === 'string' ? token.split('.') : [];
+  if (parts.length !== 3) return null;
+  try {
+    // base64url to base64; atob() does without the padding.
+    const exp = JSON.parse(atob(parts[1].replace(/-/g, '+').replace(/_/g, '/'))).exp;
+    return typeof exp === 'number' && Number.isFinite(exp) ? exp * 1000 : null;
+  } catch {
+    return null;
+  }
+}
+
+/** @param {unknown} error */
+function tokenUnavailable(error) {
+  return { type: 'error', code: 'token_unavailable', message: String(/** @type {any} */ (error)?.message ?? error) };
+}
+
 /** @param {unknown} error */
 function report(error) {
   // A failing listener must not break the connection, nor go unnoticed.
@@ -86,6 +118,7 @@ export class DreamSocket {
       backoffBase: 500,
       backoffMax: 15000,
       stableAfter: 10000,
+      refreshMargin: 60000,
       ...options,
     };
     /** @readonly */
@@ -109,9 +142,11 @@ export class DreamSocket {
     this._authRetried = false;
     this._openedAt = 0;
     this._interval = 0; // the server's heartbeat interval in ms, once known
+    /** @type {number | null} */ this._expiresAt = null; // of the token the socket connected with
     /** @type {any} */ this._retryTimer = null;
     /** @type {any} */ this._pingTimer = null;
     /** @type {any} */ this._watchdog = null;
+    /** @type {any} */ this._refreshTimer = null;
     this._resumeOnShow = false;
 
     // Closing on pagehide says goodbye cleanly and lets the page into the back/forward cache
@@ -201,7 +236,7 @@ export class DreamSocket {
         token = await this.options.getToken();
       } catch (error) {
         if (run !== this._run) return;
-        this._emit('error', { type: 'error', code: 'token_unavailable', message: String(/** @type {any} */ (error)?.message ?? error) });
+        this._emit('error', tokenUnavailable(error));
         if (run === this._run) this._scheduleReconnect({}); // unless a listener called close()
         return;
       }
@@ -229,6 +264,7 @@ export class DreamSocket {
       return;
     }
     this._ws = ws;
+    this._expiresAt = expiryOf(token);
     ws.onmessage = (event) => {
       if (this._ws === ws) this._onMessage(event.data);
     };
@@ -261,6 +297,10 @@ export class DreamSocket {
         this._armWatchdog();
         this._setState({ state: 'open' });
         this.requestStatus(); // catch up on whatever happened while we were away
+        this._scheduleRefresh(this._expiresAt);
+        break;
+      case 'token_refreshed':
+        this._scheduleRefresh(typeof message.expires_at === 'number' ? message.expires_at * 1000 : null);
         break;
       case 'ping':
         this.send('timestamp' in message ? { type: 'pong', timestamp: message.timestamp } : { type: 'pong' });
@@ -319,6 +359,45 @@ export class DreamSocket {
     this._setState({ state: 'reconnecting', ...cause, attempt: this._attempt, delay: Math.round(wait) });
   }
 
+  /** @param {number | null} expiresAt ms since the epoch, when the connection's token expires */
+  _scheduleRefresh(expiresAt) {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    if (!this.options.getToken || expiresAt == null) return;
+    const left = expiresAt - Date.now();
+    if (left < MIN_REFRESH_LEAD) return;
+    // A quarter of the lifetime at most: a short-lived token is not renewed the moment it arrives.
+    // A margin that is not a number must not become a delay of 0, renewing again and again.
+    const margin = Math.min(left / 4, Math.max(0, this.options.refreshMargin) || 0);
+    const ws = this._ws;
+    this._refreshTimer = setTimeout(() => this._refresh(ws, expiresAt, 0), Math.min(left - margin, MAX_DELAY));
+  }
+
+  /**
+   * @param {WebSocket | null} ws the socket whose token is renewed
+   * @param {number} expiresAt ms since the epoch
+   * @param {number} failures getToken() failures so far, the backoff exponent
+   */
+  async _refresh(ws, expiresAt, failures) {
+    this._refreshTimer = null;
+    let token;
+    try {
+      token = await /** @type {() => string | Promise<string>} */ (this.options.getToken)();
+      if (typeof token !== 'string' || !token.trim()) throw new TypeError('getToken() returned no token');
+    } catch (error) {
+      if (this._ws !== ws) return;
+      this._emit('error', tokenUnavailable(error));
+      // Retry while a retry can still beat the expiry; after that the server closes with 4401,
+      // and reconnecting asks getToken() again.
+      const wait = Math.min(this.options.backoffMax, this.options.backoffBase * 2 ** failures);
+      if (this._ws === ws && Date.now() + wait < expiresAt) {
+        this._refreshTimer = setTimeout(() => this._refresh(ws, expiresAt, failures + 1), wait);
+      }
+      return;
+    }
+    if (this._ws === ws) this.send({ type: 'refresh_token', token: token.trim() });
+  }
+
   _armWatchdog() {
     clearTimeout(this._watchdog);
     // The server pings every interval, so two intervals of silence mean a dead connection
@@ -335,8 +414,10 @@ export class DreamSocket {
   _dropSocket() {
     clearInterval(this._pingTimer);
     clearTimeout(this._watchdog);
-    this._pingTimer = this._watchdog = null;
+    clearTimeout(this._refreshTimer);
+    this._pingTimer = this._watchdog = this._refreshTimer = null;
     this._interval = 0;
+    this._expiresAt = null;
     this._ws = null;
   }
 
