@@ -11,7 +11,7 @@ from .auth import (
 )
 from .consumer import CloseCodes, CloseConnection, Consumer, ConsumerContext
 from .dreams import DreamImagesConsumer, ImageStatus, dream_group, image_update_message
-from .layer import BackendUnavailable, GroupLayer, PublishError
+from .layer import BackendUnavailable, GroupEvent, GroupLayer, PublishError
 from .producers import asend_image_update, close_producers, send_image_update
 from .settings import ConfigurationError, Settings
 
@@ -31,6 +31,7 @@ __all__ = [
     "ConsumerContext",
     "DreamImagesConsumer",
     "DreamWebSocketApp",
+    "GroupEvent",
     "GroupLayer",
     "ImageStatus",
     "PublishError",

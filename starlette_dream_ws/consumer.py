@@ -31,7 +31,7 @@ from starlette.types import Receive, Scope, Send
 
 from .auth import AuthenticationFailed, TokenVerifier, User, extract_token
 from .heartbeat import Heartbeat
-from .layer import BackendUnavailable, GroupLayer, cancel_and_wait, encode
+from .layer import BackendUnavailable, GroupEvent, GroupLayer, cancel_and_wait, encode
 from .limits import RateLimiter, origin_allowed
 from .metrics import ConnectionMetrics
 from .settings import Settings
@@ -41,6 +41,23 @@ logger = logging.getLogger("starlette_dream_ws.consumer")
 _TYPE_NAME = re.compile(r"[a-z][a-z0-9_.]{0,63}")
 _PING = {"type": "ping"}
 STOP_READING = "dream-ws: closed by the server"
+
+
+#: Handler names found per (consumer class, prefix, type), so that a message's type is checked
+#: and mapped once per process rather than once per connection.
+_handler_names: dict[tuple[type, str, str], str | None] = {}
+MAX_CACHED_HANDLERS = 4096
+
+
+def _handler_name(prefix: str, kind: str) -> str | None:
+    if not _TYPE_NAME.fullmatch(kind):
+        return None
+    name = prefix + kind.replace(".", "_")
+    if hasattr(Consumer, name) or (not prefix and name.startswith("receive_")):
+        # Nobody reaches the life-cycle API (`receive_json` included) by naming it, and
+        # events may not call client handlers.
+        return None
+    return name
 
 
 class CloseCodes:
@@ -218,7 +235,8 @@ class Consumer:
         self._accepted = True
 
     async def send_json(self, content: dict[str, Any]) -> None:
-        await self.send_text(encode(content))
+        """Send `content` as JSON text; a group event is sent as the text it arrived as."""
+        await self.send_text(content.text if type(content) is GroupEvent else encode(content))
 
     async def send_text(self, text: str) -> None:
         if self._close_sent or self._closed:
@@ -269,7 +287,7 @@ class Consumer:
             self.close_soon(CloseConnection(CloseCodes.TRY_AGAIN_LATER, "too_slow", "too many updates waiting"))
             return
         self._events.append(event)
-        if self._ready:
+        if self._pump is None and self._ready:
             self._start_pump()
 
     def close_soon(self, reason: CloseConnection) -> None:
@@ -332,12 +350,14 @@ class Consumer:
             logger.exception("handler for group event %r failed", kind[:64])
 
     def _handler(self, prefix: str, kind: str) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
-        if not _TYPE_NAME.fullmatch(kind):
-            return None
-        name = prefix + kind.replace(".", "_")
-        if hasattr(Consumer, name) or (not prefix and name.startswith("receive_")):
-            # Nobody reaches the life-cycle API (`receive_json` included) by naming it, and
-            # events may not call client handlers.
+        key = (type(self), prefix, kind)
+        try:
+            name = _handler_names[key]
+        except KeyError:
+            name = _handler_name(prefix, kind)
+            if len(_handler_names) < MAX_CACHED_HANDLERS:  # types come from clients: bounded
+                _handler_names[key] = name
+        if name is None:
             return None
         handler = getattr(self, name, None)
         return handler if callable(handler) else None

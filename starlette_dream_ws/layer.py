@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, NoReturn, Protocol, TypeGuard, TypeVar, runtime_checkable
 from urllib.parse import urlsplit
 
 from broadcaster import Event
@@ -65,6 +65,19 @@ class HistoryBackend(Protocol):
     async def latest(self, channel: str) -> str | None: ...
 
 
+def keeps_history(backend: object) -> TypeGuard[HistoryBackend]:
+    """Whether `backend` offers catch-up (checked once per backend class: a runtime protocol
+    check costs more than the publish it would guard)."""
+    kind = type(backend)
+    known = _history_classes.get(kind)
+    if known is None:
+        known = _history_classes[kind] = isinstance(backend, HistoryBackend)
+    return known
+
+
+_history_classes: dict[type, bool] = {}
+
+
 def create_backend(url: str, settings: Settings | None = None) -> BroadcastBackend:
     """The backend for a URL: broadcaster's for memory, ours for Redis and PostgreSQL.
 
@@ -92,6 +105,26 @@ def create_backend(url: str, settings: Settings | None = None) -> BroadcastBacke
 
 def encode(message: dict[str, Any]) -> str:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+class GroupEvent(dict[str, Any]):
+    """A group event as members get it, with the JSON text it arrived as.
+
+    One instance is shared by every local member, so it is read-only (copy it to change it:
+    `{**event, ...}`), and a consumer forwarding it unchanged sends `text` as is: each message
+    is decoded and encoded once per process, however many connections receive it.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, content: dict[str, Any], text: str) -> None:
+        super().__init__(content)
+        self.text = text
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("a group event is shared by every member: copy it to change it")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _read_only
 
 
 def _position(event_id: str) -> tuple[int, int]:
@@ -237,7 +270,7 @@ class GroupLayer:
                 if backend is None:
                     raise BackendUnavailable("the groups backend is reconnecting")
                 await backend.subscribe(group)
-                if isinstance(backend, HistoryBackend):
+                if keeps_history(backend):
                     # Where a catch-up after a reconnect starts: nothing older than now.
                     baseline = await backend.last_id(group)
                     if baseline is not None and entry.is_new(baseline):
@@ -305,7 +338,7 @@ class GroupLayer:
             backend, state = self._backend, self._state
             if backend is None or state is None:
                 raise BackendUnavailable("the groups backend is reconnecting")
-            if remember and not isinstance(backend, HistoryBackend):
+            if remember and not keeps_history(backend):
                 await state.remember(group, text, self.settings.state_ttl)
             await backend.publish(group, text)
 
@@ -328,7 +361,7 @@ class GroupLayer:
         async def read() -> str | None:
             await self.connect()
             backend, state = self._backend, self._state
-            if isinstance(backend, HistoryBackend):
+            if keeps_history(backend):
                 return await backend.latest(group)
             if state is None:
                 raise BackendUnavailable("the groups backend is reconnecting")
@@ -428,7 +461,7 @@ class GroupLayer:
             logger.warning("dropped a message on %s that is not JSON text", event.channel)
             return
         if isinstance(decoded, dict) and isinstance(decoded.get("type"), str):
-            self._fan_out(event.channel, decoded)
+            self._fan_out(event.channel, GroupEvent(decoded, event.message))
         else:
             logger.warning("dropped a message on %s without a string 'type'", event.channel)
 
@@ -475,14 +508,15 @@ class GroupLayer:
             async with self._lock:
                 backend = self._backend
                 assert backend is not None
+                history = backend if keeps_history(backend) else None
                 for group, entry in list(self._groups.items()):
-                    if not isinstance(backend, HistoryBackend):
+                    if history is None:
                         await backend.subscribe(group)
                         continue
                     # Hold live events while the missed ones are read, so that order is kept.
                     entry.backlog = []
                     await backend.subscribe(group)
-                    missed = await backend.history(group, entry.last_id)
+                    missed = await history.history(group, entry.last_id)
                     backlog, entry.backlog = entry.backlog, None
                     for event in [*missed, *backlog]:
                         if self._groups.get(group) is entry:

@@ -53,6 +53,19 @@ def _app_layer(settings: Settings | None) -> GroupLayer | None:
         return _app_layers.get(url)
 
 
+def _resolve(settings: Settings | None) -> Settings | None:
+    """The settings a call publishes with, read from the environment once per call at most.
+
+    None stays None when this process runs exactly one app: its layer is used.
+    """
+    if settings is not None:
+        return settings
+    with _lock:
+        if len(_app_layers) == 1:
+            return None
+    return Settings.from_env()
+
+
 def _refuse_lone_memory(settings: Settings) -> None:
     if settings.broadcast_url.startswith("memory:"):
         raise RuntimeError(
@@ -75,6 +88,7 @@ async def asend_image_update(
     Retries with backoff, then raises `PublishError`; `ValueError` for a bad status.
     """
     update = image_update_message(dream_id, image_urls, status, message)
+    settings = _resolve(settings)
     await _publish_async(settings, dream_group(dream_id), update)
 
 
@@ -88,6 +102,7 @@ def send_image_update(
 ) -> None:
     """The sync form of `asend_image_update`, for Celery tasks, threads and scripts."""
     update = image_update_message(dream_id, image_urls, status, message)
+    settings = _resolve(settings)
     _run_sync(settings, _publish_async(settings, dream_group(dream_id), update))
 
 

@@ -8,6 +8,7 @@ moment, and a test can cut a connection, refuse connects and fail publishes on d
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from broadcaster._backends.base import BroadcastBackend
 from broadcaster._backends.memory import MemoryBackend
 
 from starlette_dream_ws import BackendUnavailable, GroupLayer, PublishError, Settings
+from starlette_dream_ws.layer import GroupEvent
 
 TIMEOUT = 2.0
 
@@ -240,6 +242,14 @@ async def test_publish_reaches_every_member_of_the_group_and_no_other(kind: str)
         # same connection, would have arrived before it.
         assert await b.received() == [{"type": "update", "to": "b"}]
         assert a1.events == [first]
+        # ... and encoded once: it carries the text it arrived as, and nobody may change it.
+        assert isinstance(first, GroupEvent)
+        assert json.loads(first.text) == {"type": "update", "to": "a"}
+        with pytest.raises(TypeError):
+            first["to"] = "b"
+        with pytest.raises(TypeError):
+            first.pop("to")
+        assert {**first, "to": "b"} == {"type": "update", "to": "b"}
     finally:
         await layer.disconnect()
 
