@@ -30,6 +30,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import Receive, Scope, Send
 
 from .auth import AuthenticationFailed, TokenVerifier, User, extract_token
+from .eager import start_eagerly
 from .heartbeat import Heartbeat
 from .layer import BackendUnavailable, GroupEvent, GroupLayer, cancel_and_wait, encode
 from .limits import RateLimiter, origin_allowed
@@ -137,6 +138,7 @@ class Consumer:
         self._accepted_subprotocol: str | None = None
         self._events: deque[dict[str, Any]] = deque()
         self._pump: asyncio.Task[None] | None = None
+        self._pumping = False
         self._reader: asyncio.Task[Any] | None = None
         self._waiting_for_client = False
         self._pending_close: CloseConnection | None = None
@@ -236,13 +238,19 @@ class Consumer:
 
     async def send_json(self, content: dict[str, Any]) -> None:
         """Send `content` as JSON text; a group event is sent as the text it arrived as."""
-        await self.send_text(content.text if type(content) is GroupEvent else encode(content))
+        if type(content) is GroupEvent:
+            await self._send_frame(content.send_message)
+        else:
+            await self._send_frame({"type": "websocket.send", "text": encode(content)})
 
     async def send_text(self, text: str) -> None:
+        await self._send_frame({"type": "websocket.send", "text": text})
+
+    async def _send_frame(self, message: dict[str, Any]) -> None:
         if self._close_sent or self._closed:
             return
         try:
-            await self._send({"type": "websocket.send", "text": text})
+            await self._send(message)
         except Exception as exc:  # the client went away: the reader sees the disconnect
             logger.debug("send failed: %s", type(exc).__name__)
             self._closed = True
@@ -287,7 +295,7 @@ class Consumer:
             self.close_soon(CloseConnection(CloseCodes.TRY_AGAIN_LATER, "too_slow", "too many updates waiting"))
             return
         self._events.append(event)
-        if self._pump is None and self._ready:
+        if not self._pumping and self._ready:
             self._start_pump()
 
     def close_soon(self, reason: CloseConnection) -> None:
@@ -317,8 +325,11 @@ class Consumer:
             self._reader.cancel(STOP_READING)
 
     def _start_pump(self) -> None:
-        if self._pump is None:
-            self._pump = asyncio.get_running_loop().create_task(self._drain())
+        # Most sends complete at once, so the buffer is drained right here, and only a send
+        # that has to wait (the socket is full) gets a task to finish in.
+        if not self._pumping:
+            self._pumping = True
+            self._pump = start_eagerly(self._drain())
 
     async def _drain(self) -> None:
         try:
@@ -326,28 +337,27 @@ class Consumer:
                 event = self._events.popleft()
                 if event is _PING:
                     await self.send_json({"type": "ping", "timestamp": time.time()})
-                else:
-                    await self._dispatch_event(event)
+                    continue
+                # The hot path of every fan-out, so inline rather than one more coroutine.
+                kind = event["type"]
+                handler = self._handler("", kind)
+                if handler is None:
+                    logger.warning("no handler for group event type %r", kind[:64])
+                    await self.send_error("unknown_event", f"no handler for event type {kind[:64]!r}")
+                    continue
+                try:
+                    await handler(event)
+                except CloseConnection as exc:
+                    await self._close_with(exc)
+                    self._stop_reading()
+                except Exception:
+                    logger.exception("handler for group event %r failed", kind[:64])
             if self._pending_close is not None:
                 await self._close_with(self._pending_close)
                 self._stop_reading()
         finally:
+            self._pumping = False
             self._pump = None
-
-    async def _dispatch_event(self, event: dict[str, Any]) -> None:
-        kind = event["type"]
-        handler = self._handler("", kind)
-        if handler is None:
-            logger.warning("no handler for group event type %r", kind[:64])
-            await self.send_error("unknown_event", f"no handler for event type {kind[:64]!r}")
-            return
-        try:
-            await handler(event)
-        except CloseConnection as exc:
-            await self._close_with(exc)
-            self._stop_reading()
-        except Exception:
-            logger.exception("handler for group event %r failed", kind[:64])
 
     def _handler(self, prefix: str, kind: str) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
         key = (type(self), prefix, kind)

@@ -115,11 +115,19 @@ class GroupEvent(dict[str, Any]):
     is decoded and encoded once per process, however many connections receive it.
     """
 
-    __slots__ = ("text",)
+    __slots__ = ("_send_message", "text")
 
     def __init__(self, content: dict[str, Any], text: str) -> None:
         super().__init__(content)
         self.text = text
+        self._send_message: dict[str, Any] | None = None
+
+    @property
+    def send_message(self) -> dict[str, Any]:
+        """The ASGI `websocket.send` message of `text`, one for every connection that sends it."""
+        if self._send_message is None:
+            self._send_message = {"type": "websocket.send", "text": self.text}
+        return self._send_message
 
     def _read_only(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise TypeError("a group event is shared by every member: copy it to change it")
@@ -314,8 +322,8 @@ class GroupLayer:
         entry = self._groups.get(group)
         if entry is None:
             return
-        # deliver() never changes membership, so the set is iterated as is: no copy per message.
-        for member in entry.members:
+        # A copy: deliver() starts sending at once, and a handler may leave the group.
+        for member in tuple(entry.members):
             try:
                 member.deliver(event)
             except Exception:

@@ -88,7 +88,8 @@ def test_a_connection_outlives_its_short_lived_tokens(page: Page, start_server: 
         assert answer["exp"] == renewed["exp"]
         # Renewed before the token in use expired, yet not at once: in its last quarter or so.
         lifetime = before["exp"] - before["at"]
-        assert before["at"] + lifetime / 2 < renewed["at"] < answer["at"] < before["exp"], result
+        # (ms clocks: the answer may come within the same millisecond)
+        assert before["at"] + lifetime / 2 < renewed["at"] <= answer["at"] < before["exp"], result
 
     outcomes = run_producer(redis_url, [producer_call(1, [], "processing", "still listening")])
     assert outcomes == [{"ok": True}], outcomes

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from starlette_dream_ws import DreamWebSocketApp, asend_image_update
+from starlette_dream_ws import DreamImagesConsumer, DreamWebSocketApp, asend_image_update
 from starlette_dream_ws.layer import PublishError
 from starlette_dream_ws.metrics import Histogram
 from starlette_dream_ws.testing import ConsumerTestClient
@@ -65,19 +67,32 @@ async def test_counts_follow_connections_messages_and_closes(make_app: MakeApp) 
     assert after["dream_ws_slow_closed_total"] == 0
 
 
+class StuckConsumer(DreamImagesConsumer):
+    """Its handler waits on a gate, as a send to a client that does not read would."""
+
+    gate = asyncio.Event()
+
+    async def image_update(self, event: dict[str, Any]) -> None:
+        await self.gate.wait()
+        await super().image_update(event)
+
+
 async def test_a_client_over_its_buffer_is_counted_as_slow(make_app: MakeApp) -> None:
-    app = make_app(metrics=True, max_pending_events=2)
+    StuckConsumer.gate = asyncio.Event()
+    app = make_app(metrics=True, max_pending_events=2, consumer=StuckConsumer)
     async with ConsumerTestClient(app) as client:
         async with client.connect("/dreams/5") as ws:
             assert (await ws.receive_json())["type"] == "connection_established"
             member = next(iter(app.context.consumers))
-            # Three events land in one go, before the connection's pump can run: the third overflows.
-            for _ in range(3):
+            # The first event holds the connection's sender; two more fill its buffer; the fourth overflows.
+            for _ in range(4):
                 member.deliver({"type": "image_update", "dream_id": 5})
+            StuckConsumer.gate.set()
             code, messages = await ws.expect_close()
         text = (await client.http.get("/metrics")).text
     assert code == 1013
-    assert [m.get("code") for m in messages] == ["too_slow"]
+    # The event that was being sent goes out; the buffered ones were dropped for the close.
+    assert [(m["type"], m.get("code")) for m in messages] == [("image_update", None), ("error", "too_slow")]
     figures = samples(text)
     assert figures["dream_ws_slow_closed_total"] == 1
     assert figures['dream_ws_connections_closed_total{code="1013"}'] == 1
