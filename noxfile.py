@@ -1,4 +1,4 @@
-"""Automation: `nox -s tests`, `nox -s lint`, `nox -s types`, `nox -s demo`."""
+"""Automation: `nox -s tests`, `nox -s lint`, `nox -s types`, `nox -s demo`, `nox -s bench`."""
 
 from __future__ import annotations
 
@@ -33,3 +33,13 @@ def demo(session: nox.Session) -> None:
     """The demo on memory://: open http://127.0.0.1:8000/."""
     session.install("-e", ".")
     session.run("python", "examples/demo.py")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark: ours, Django Channels and a bare-ASGI ceiling, side by side (a few minutes).
+
+    `nox -s bench -- --smoke` checks that it runs in seconds; other arguments go to bench/run.py.
+    """
+    session.install("-e", ".[test]", "-r", "bench/requirements.txt")
+    session.run("python", "bench/run.py", *session.posargs)

@@ -1,0 +1,558 @@
+"""Run the benchmark scenarios against our stack, Django Channels and the bare-ASGI ceiling.
+
+    python bench/run.py                      # every scenario, every stack (a few minutes)
+    python bench/run.py --smoke              # tiny sizes: proves the scripts work (seconds)
+    python bench/run.py --stacks ours,ceiling --scenarios fanout,throughput
+
+For each stack: a fresh Redis server and one uvicorn worker on 127.0.0.1, then each scenario
+with the load client (`load_client.py`) and the publisher (`publisher.py`) as separate
+processes. Prints one JSON object per scenario and stack, then a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.integration.servers import RedisServer  # noqa: E402
+
+HOST = "127.0.0.1"
+SECRET = "bench-secret-0123456789abcdef-0123456789abcdef"
+STACKS = ("ours", "channels", "ceiling")
+APPS = {
+    "ours": "bench.servers.ours:app",
+    "channels": "bench.servers.channels_app.asgi:application",
+    "ceiling": "bench.servers.ceiling:app",
+}
+#: The same uvicorn for every stack: its fastest WebSocket implementation, uvloop, no compression.
+UVICORN_OPTIONS = [
+    "--loop",
+    "uvloop",
+    "--http",
+    "httptools",
+    "--ws",
+    "websockets-sansio",
+    "--ws-per-message-deflate",
+    "false",
+    "--no-access-log",
+    "--log-level",
+    "warning",
+    "--backlog",
+    "4096",
+]
+SCENARIOS = ("idle", "handshake", "fanout", "spread", "throughput")
+#: How long delivery may stall before the rest counts as lost.
+DRAIN_TIMEOUT = 10.0
+
+
+@dataclasses.dataclass
+class Sizes:
+    idle_clients: int = 10_000
+    idle_dreams: int = 1_000
+    idle_window: float = 20.0
+    handshake_clients: int = 5_000
+    fanout_clients: int = 1_000
+    fanout_rate: float = 10.0
+    fanout_updates: int = 100
+    spread_clients: int = 2_000
+    spread_dreams: int = 1_000
+    spread_updates: int = 2_000
+    spread_rate: float = 200.0
+    throughput_dreams: int = 100
+    throughput_clients_per_dream: int = 10
+    throughput_seconds: float = 10.0
+    throughput_concurrency: int = 100
+
+
+SMOKE = Sizes(
+    idle_clients=200,
+    idle_dreams=20,
+    idle_window=1.0,
+    handshake_clients=200,
+    fanout_clients=50,
+    fanout_rate=50.0,
+    fanout_updates=20,
+    spread_clients=40,
+    spread_dreams=20,
+    spread_updates=40,
+    spread_rate=200.0,
+    throughput_dreams=10,
+    throughput_clients_per_dream=5,
+    throughput_seconds=1.0,
+    throughput_concurrency=10,
+)
+
+
+def token() -> str:
+    return jwt.encode({"sub": "bench", "exp": int(time.time()) + 86_400}, SECRET, algorithm="HS256")
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+class Server:
+    """One uvicorn worker serving a stack's app."""
+
+    def __init__(self, stack: str, redis: RedisServer, workdir: Path) -> None:
+        self.stack = stack
+        self.redis = redis
+        redis_url = redis.url
+        self.port = free_port()
+        self.log = workdir / f"{stack}.log"
+        env = {
+            **os.environ,
+            "BENCH_REDIS_URL": redis_url,
+            "BENCH_JWT_SECRET": SECRET,
+            "DJANGO_SETTINGS_MODULE": "bench.servers.channels_app.settings",
+            "PYTHONPATH": str(ROOT),
+        }
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    APPS[stack],
+                    "--host",
+                    HOST,
+                    "--port",
+                    str(self.port),
+                    *UVICORN_OPTIONS,
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{stack} server exited:\n{self.log.read_text()}")
+            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), timeout=0.5):
+                break
+            if time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"{stack} server did not listen within 30 s:\n{self.log.read_text()}")
+            time.sleep(0.05)
+
+    def url(self) -> str:
+        return f"ws://{HOST}:{self.port}/dreams/{{dream}}"
+
+    def cpu_seconds(self) -> float:
+        return proc_cpu_seconds(self.process.pid)
+
+    def rss_kib(self) -> int:
+        return proc_rss_kib(self.process.pid)
+
+    def redis_cpu_seconds(self) -> float:
+        process = self.redis._process
+        return proc_cpu_seconds(process.pid) if process is not None else 0.0
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class LoadClient:
+    """The load client process, driven over its stdin and stdout."""
+
+    def __init__(self, process: asyncio.subprocess.Process, ready: dict[str, Any]) -> None:
+        self.process = process
+        self.ready = ready
+
+    @classmethod
+    async def start(cls, server: Server, clients: int, dreams: int, first_dream: int) -> LoadClient:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(ROOT / "bench" / "load_client.py"),
+            "--url",
+            server.url(),
+            "--clients",
+            str(clients),
+            "--dreams",
+            str(dreams),
+            "--first-dream",
+            str(first_dream),
+            "--token",
+            token(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=1 << 24,
+        )
+        client = cls(process, {})
+        client.ready = await client._event("ready", timeout=120)
+        if client.ready.get("failed"):
+            await client.close()
+            raise RuntimeError(
+                f"{server.stack}: {client.ready['failed']} of {clients} connections failed: {client.ready}"
+            )
+        return client
+
+    async def _event(self, name: str, timeout: float) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        while True:
+            line = await asyncio.wait_for(self.process.stdout.readline(), timeout)
+            if not line:
+                raise RuntimeError(f"the load client exited ({await self.process.wait()}) before {name!r}")
+            event: dict[str, Any] = json.loads(line)
+            if event.get("event") == name:
+                return event
+
+    async def command(self, name: str, answer: str, timeout: float = 60) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{name}\n".encode())
+        await self.process.stdin.drain()
+        return await self._event(answer, timeout)
+
+    async def received(self) -> int:
+        return int((await self.command("stats", "stats"))["received"])
+
+    async def wait_for(self, expected: int) -> int:
+        """Until `expected` updates arrived, or none arrived for DRAIN_TIMEOUT; the count."""
+        last, since = -1, time.monotonic()
+        while True:
+            count = await self.received()
+            if count >= expected:
+                return count
+            if count != last:
+                last, since = count, time.monotonic()
+            elif time.monotonic() - since > DRAIN_TIMEOUT:
+                return count
+            await asyncio.sleep(0.1)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.command("close", "closed", timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        await self.process.wait()
+
+
+async def publish(stack: str, redis_url: str, *args: str) -> dict[str, Any]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "bench" / "publisher.py"),
+        "--stack",
+        stack,
+        "--redis-url",
+        redis_url,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    out, _ = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"publisher for {stack} exited with {process.returncode}")
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
+def expected_deliveries(published: dict[str, Any], clients: int, dreams: int, first_dream: int) -> int:
+    watchers = {first_dream + d: clients // dreams + (1 if d < clients % dreams else 0) for d in range(dreams)}
+    return sum(n * watchers.get(int(dream), 0) for dream, n in published["published_per_dream"].items())
+
+
+@contextlib.asynccontextmanager
+async def measured(server: Server) -> AsyncIterator[dict[str, float]]:
+    """Server and Redis CPU seconds and wall time of the block."""
+    figures: dict[str, float] = {}
+    cpu, redis_cpu, wall = server.cpu_seconds(), server.redis_cpu_seconds(), time.monotonic()
+    yield figures
+    figures["server_cpu_seconds"] = round(server.cpu_seconds() - cpu, 3)
+    figures["redis_cpu_seconds"] = round(server.redis_cpu_seconds() - redis_cpu, 3)
+    figures["wall_seconds"] = round(time.monotonic() - wall, 3)
+
+
+def latency_figures(report: dict[str, Any]) -> dict[str, Any]:
+    latency = report.get("latency_ms") or {}
+    return {f"latency_ms_{k}": latency.get(k) for k in ("p50", "p95", "p99", "max")}
+
+
+async def delivery(
+    server: Server, redis_url: str, sizes_clients: int, dreams: int, first_dream: int, publisher_args: list[str]
+) -> dict[str, Any]:
+    client = await LoadClient.start(server, sizes_clients, dreams, first_dream)
+    try:
+        client_cpu = float(client.ready["cpu_seconds"])
+        async with measured(server) as figures:
+            published = await publish(
+                server.stack, redis_url, "--dreams", str(dreams), "--first-dream", str(first_dream), *publisher_args
+            )
+            expected = expected_deliveries(published, sizes_clients, dreams, first_dream)
+            received = await client.wait_for(expected)
+        report = await client.command("report", "report")
+    finally:
+        await client.close()
+    return {
+        "clients": sizes_clients,
+        "dreams": dreams,
+        "published": published["published"],
+        "publish_failures": published["failed"],
+        "publishes_per_second": published["publishes_per_second"],
+        "expected": expected,
+        "delivered": received,
+        "lost": expected - received,
+        **latency_figures(report),
+        "out_of_order": report.get("out_of_order"),
+        "closed_by_server": report.get("closed_by_server"),
+        "first_publish": published["started"],
+        "last_receive": report.get("last_receive"),
+        **figures,
+        "client_cpu_seconds": round(float(report["cpu_seconds"]) - client_cpu, 3),
+        "publisher_cpu_seconds": published["cpu_seconds"],
+    }
+
+
+async def fanout(server: Server, redis_url: str, sizes: Sizes) -> dict[str, Any]:
+    args = ["--rate", str(sizes.fanout_rate), "--count", str(sizes.fanout_updates)]
+    result = await delivery(server, redis_url, sizes.fanout_clients, 1, 200_000, args)
+    return {"rate_per_second": sizes.fanout_rate, **result}
+
+
+async def spread(server: Server, redis_url: str, sizes: Sizes) -> dict[str, Any]:
+    args = ["--rate", str(sizes.spread_rate), "--count", str(sizes.spread_updates)]
+    result = await delivery(server, redis_url, sizes.spread_clients, sizes.spread_dreams, 300_000, args)
+    return {"rate_per_second": sizes.spread_rate, **result}
+
+
+async def throughput(server: Server, redis_url: str, sizes: Sizes) -> dict[str, Any]:
+    clients = sizes.throughput_dreams * sizes.throughput_clients_per_dream
+    args = ["--duration", str(sizes.throughput_seconds), "--concurrency", str(sizes.throughput_concurrency)]
+    result = await delivery(server, redis_url, clients, sizes.throughput_dreams, 400_000, args)
+    span = (result["last_receive"] or result["first_publish"]) - result["first_publish"]
+    result["delivered_per_second"] = round(result["delivered"] / span) if span > 0 else 0
+    return result
+
+
+async def idle(server: Server, redis_url: str, sizes: Sizes) -> dict[str, Any]:
+    warm = await LoadClient.start(server, 10, 10, 90_000)  # imports, backend connection, first groups
+    await warm.close()
+    base = server.rss_kib()
+    client = await LoadClient.start(server, sizes.idle_clients, sizes.idle_dreams, 1)
+    try:
+        with_idle = server.rss_kib()
+        async with measured(server) as figures:
+            await asyncio.sleep(sizes.idle_window)  # measuring: nothing to wait for but time
+        after_window = server.rss_kib()
+        report = await client.command("report", "report")
+    finally:
+        await client.close()
+    return {
+        "connections": sizes.idle_clients,
+        "dreams": sizes.idle_dreams,
+        "open_after_window": report.get("connections_open"),
+        "closed_by_server": report.get("closed_by_server"),
+        "server_rss_kib_base": base,
+        "server_rss_kib_idle": with_idle,
+        "server_rss_kib_after_window": after_window,
+        "kib_per_connection": round((max(with_idle, after_window) - base) / sizes.idle_clients, 2),
+        "idle_cpu_percent_of_a_core": round(100 * figures["server_cpu_seconds"] / figures["wall_seconds"], 2),
+        **figures,
+    }
+
+
+async def handshake(server: Server, redis_url: str, sizes: Sizes) -> dict[str, Any]:
+    cpu = server.cpu_seconds()
+    client = await LoadClient.start(server, sizes.handshake_clients, sizes.handshake_clients, 100_000)
+    server_cpu = server.cpu_seconds() - cpu
+    await client.close()
+    seconds = float(client.ready["connect_seconds"])
+    return {
+        "connections": sizes.handshake_clients,
+        "connect_seconds": round(seconds, 3),
+        "connections_per_second": round(sizes.handshake_clients / seconds),
+        "server_cpu_seconds": round(server_cpu, 3),
+        "client_cpu_seconds": client.ready["cpu_seconds"],
+    }
+
+
+Scenario = Callable[[Server, str, Sizes], Coroutine[Any, Any, dict[str, Any]]]
+RUNNERS: dict[str, Scenario] = {
+    "idle": idle,
+    "handshake": handshake,
+    "fanout": fanout,
+    "spread": spread,
+    "throughput": throughput,
+}
+
+
+async def run(stacks: list[str], scenarios: list[str], sizes: Sizes) -> list[dict[str, Any]]:
+    results = []
+    with tempfile.TemporaryDirectory(prefix="dream-ws-bench-") as tmp:
+        for stack in stacks:
+            # A fresh Redis per stack: nothing one leaves behind (streams, groups) weighs on the next.
+            with RedisServer(workdir=Path(tmp) / f"redis-{stack}") as redis:
+                server = Server(stack, redis, Path(tmp))
+                try:
+                    for name in scenarios:
+                        started = time.monotonic()
+                        figures = await RUNNERS[name](server, redis.url, sizes)
+                        result = {"scenario": name, "stack": stack, **figures}
+                        result["scenario_seconds"] = round(time.monotonic() - started, 1)
+                        print(json.dumps(result), flush=True)
+                        results.append(result)
+                finally:
+                    server.close()
+    return results
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+ROWS: list[tuple[str, str, str, str]] = [
+    # (scenario, key, label, better)
+    ("fanout", "latency_ms_p50", "fan-out 1x1000: latency p50 (ms)", "lower"),
+    ("fanout", "latency_ms_p95", "fan-out 1x1000: latency p95 (ms)", "lower"),
+    ("fanout", "latency_ms_p99", "fan-out 1x1000: latency p99 (ms)", "lower"),
+    ("fanout", "delivered", "fan-out: delivered", ""),
+    ("fanout", "expected", "fan-out: expected", ""),
+    ("fanout", "server_cpu_seconds", "fan-out: server CPU s", "lower"),
+    ("fanout", "client_cpu_seconds", "fan-out: client CPU s", ""),
+    ("spread", "latency_ms_p50", "spread 2000/1000: latency p50 (ms)", "lower"),
+    ("spread", "latency_ms_p99", "spread 2000/1000: latency p99 (ms)", "lower"),
+    ("spread", "delivered", "spread: delivered", ""),
+    ("spread", "expected", "spread: expected", ""),
+    ("spread", "server_cpu_seconds", "spread: server CPU s", "lower"),
+    ("throughput", "delivered_per_second", "throughput 100x10: delivered msgs/s", "higher"),
+    ("throughput", "publishes_per_second", "throughput: publishes/s", ""),
+    ("throughput", "lost", "throughput: lost", "lower"),
+    ("throughput", "latency_ms_p99", "throughput: latency p99 (ms)", "lower"),
+    ("throughput", "server_cpu_seconds", "throughput: server CPU s", ""),
+    ("throughput", "client_cpu_seconds", "throughput: client CPU s", ""),
+    ("throughput", "publisher_cpu_seconds", "throughput: publisher CPU s", ""),
+    ("throughput", "redis_cpu_seconds", "throughput: Redis CPU s", ""),
+    ("idle", "kib_per_connection", "idle 10k: KiB per connection", "lower"),
+    ("idle", "idle_cpu_percent_of_a_core", "idle 10k: server CPU % of a core", "lower"),
+    ("handshake", "connect_seconds", "handshake: seconds for 5000", "lower"),
+    ("handshake", "connections_per_second", "handshake: connections/s", "higher"),
+]
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """Rows of figures, a column per stack, and ours as a fraction of the ceiling and against
+    Channels (how many times better; below 1 is worse)."""
+    by = {(r["scenario"], r["stack"]): r for r in results}
+    stacks = [s for s in STACKS if any(r["stack"] == s for r in results)]
+    compare = "ours" in stacks
+    header = ["", *stacks]
+    if compare and "ceiling" in stacks:
+        header.append("ours / ceiling")
+    if compare and "channels" in stacks:
+        header.append("ours vs Channels")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for scenario, key, label, better in ROWS:
+        values = {stack: by.get((scenario, stack), {}).get(key) for stack in stacks}
+        if all(value is None for value in values.values()):
+            continue
+        row = [label, *(_fmt(values[stack]) for stack in stacks)]
+        ours = values.get("ours")
+        if compare and "ceiling" in stacks:
+            row.append(_ratio(ours, values["ceiling"]) if better else "")
+        if compare and "channels" in stacks:
+            theirs = values["channels"]
+            if better == "higher":
+                row.append(_times(ours, theirs))
+            elif better == "lower":
+                row.append(_times(theirs, ours))
+            else:
+                row.append("")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _ratio(numerator: object, denominator: object) -> str:
+    if isinstance(numerator, int | float) and isinstance(denominator, int | float) and denominator:
+        return f"{numerator / denominator:.2f}"
+    return ""
+
+
+def _times(numerator: object, denominator: object) -> str:
+    if isinstance(numerator, int | float) and isinstance(denominator, int | float) and denominator:
+        return f"{numerator / denominator:.1f}x"
+    return ""
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    system = f"{platform.system()} {platform.release()}"
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {system}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stacks", default=",".join(STACKS))
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check that everything runs")
+    parser.add_argument("--json-out", type=Path, help="also write every result to this file")
+    args = parser.parse_args()
+    stacks = [s for s in args.stacks.split(",") if s]
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    for name in stacks:
+        if name not in STACKS:
+            parser.error(f"unknown stack {name!r}")
+    for name in scenarios:
+        if name not in SCENARIOS:
+            parser.error(f"unknown scenario {name!r}")
+    sizes = SMOKE if args.smoke else Sizes()
+    results = asyncio.run(run(stacks, scenarios, sizes))
+    print()
+    print(f"Machine: {machine()}")
+    print()
+    print(table(results))
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
