@@ -112,8 +112,9 @@ class Client(WSListener):
                 stats.last_receive = received_at
                 if data["dream_id"] != self.dream:
                     stats.wrong_dream += 1
-                message = data["message"]
-                if message is not None:
+                message = data.get("message")
+                # The publisher numbers each dream's updates; any other message is not ordered.
+                if type(message) is str and message.isdecimal():
                     sequence = int(message)
                     if sequence <= self.last_sequence:
                         stats.out_of_order += 1
@@ -129,7 +130,7 @@ class Client(WSListener):
     def on_close(self, transport: WSTransport, frame: WSFrame) -> None:
         self.close_received = True
         if not self.closing:
-            code = int(frame.get_close_code()) or NO_STATUS_RECEIVED
+            code = frame.get_close_code().value or NO_STATUS_RECEIVED
             self.stats.closed_by_server[code] += 1
             transport.send_close(WSCloseCode.OK)
             self.fail_establishment(f"closed by the server with {code}")

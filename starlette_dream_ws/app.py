@@ -30,7 +30,7 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route, Router, WebSocketRoute
+from starlette.routing import Match, Route, Router, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 from . import redaction
@@ -75,9 +75,10 @@ class ConsumerApp:
             heartbeat=self.heartbeat,
             authorize=authorize,
         )
+        # Consumer routes are matched in __call__, before the router (which serves the rest).
+        self._consumer_routes = [WebSocketRoute(path, cls) for path, cls in routes.items()]
         self.router = Router(
             routes=[
-                *(WebSocketRoute(path, _ConsumerEndpoint(self, cls)) for path, cls in routes.items()),
                 Route("/dream-ws.js", self._client_script, methods=["GET", "HEAD"]),
                 Route("/health", self._health, methods=["GET"]),
                 Route("/metrics", self._metrics, methods=["GET"]),
@@ -86,6 +87,18 @@ class ConsumerApp:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            # Matched here rather than by the router: a connection waits in these frames for
+            # as long as it is open, and the router's would add a few hundred bytes to each.
+            for route in self._consumer_routes:
+                match, child_scope = route.matches(scope)
+                if match is Match.FULL:
+                    scope.update(child_scope)
+                    # If the backend is down, the consumer closes with 1013 when it joins its group.
+                    with contextlib.suppress(BackendUnavailable):
+                        await self.start()
+                    await route.endpoint(scope, receive, send, self.context).run()
+                    return
         await self.router(scope, receive, send)
 
     async def start(self) -> None:
@@ -203,20 +216,6 @@ def close_on_signals(app: ConsumerApp, signals: tuple[int, ...] = (signal.SIGTER
         for signum, previous in installed.items():
             if signal.getsignal(signum) is handler:
                 signal.signal(signum, previous)
-
-
-class _ConsumerEndpoint:
-    """An ASGI app that runs one consumer class per connection."""
-
-    def __init__(self, app: ConsumerApp, consumer_class: type[Consumer]) -> None:
-        self.app = app
-        self.consumer_class = consumer_class
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # If the backend is down, the consumer closes with 1013 when it joins its group.
-        with contextlib.suppress(BackendUnavailable):
-            await self.app.start()
-        await self.consumer_class(scope, receive, send, self.app.context).run()
 
 
 class DreamWebSocketApp(ConsumerApp):

@@ -119,9 +119,42 @@ class Consumer:
     #: Subprotocol chosen when the client offers it.
     subprotocol: ClassVar[str | None] = None
 
+    # Slots: there is one consumer per open connection. `__dict__` keeps adding other
+    # attributes possible; the dict is only made for an instance that does.
+    __slots__ = (
+        "__dict__",
+        "_abandoned",
+        "_accepted",
+        "_accepted_subprotocol",
+        "_close_sent",
+        "_closed",
+        "_closing_since",
+        "_events",
+        "_last_seen",
+        "_metrics",
+        "_next_ping",
+        "_pending_close",
+        "_pump",
+        "_pumping",
+        "_rate",
+        "_reader",
+        "_ready",
+        "_receive",
+        "_send",
+        "_waiting_for_client",
+        "close_code",
+        "context",
+        "counted_user",
+        "groups",
+        "layer",
+        "opened_at",
+        "scope",
+        "settings",
+        "user",
+    )
+
     def __init__(self, scope: Scope, receive: Receive, send: Send, context: ConsumerContext) -> None:
         self.scope = scope
-        self.connection = HTTPConnection(scope)
         self.context = context
         self.settings = context.settings
         self.layer = context.layer
@@ -136,7 +169,8 @@ class Consumer:
         self._close_sent = False
         self._closed = False
         self._accepted_subprotocol: str | None = None
-        self._events: deque[dict[str, Any]] = deque()
+        #: Events waiting while a send is in progress (made when first needed).
+        self._events: deque[dict[str, Any]] | None = None
         self._pump: asyncio.Task[None] | None = None
         self._pumping = False
         self._reader: asyncio.Task[Any] | None = None
@@ -151,6 +185,11 @@ class Consumer:
         #: The user id this connection counts against in `max_connections_per_user`.
         self.counted_user: str | None = None
         self._rate = RateLimiter(self.settings.max_messages_per_second, self.settings.message_burst)
+
+    @property
+    def connection(self) -> HTTPConnection:
+        """The handshake request: headers, query parameters, client address."""
+        return HTTPConnection(self.scope)
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -179,6 +218,8 @@ class Consumer:
 
         Never given a token: paths come without their query string, users by id.
         """
+        if not logger.isEnabledFor(level):
+            return
         fields = {"path": self.scope.get("path"), **fields}
         if self.user is not None:
             fields.setdefault("user", self.user.id)
@@ -288,15 +329,20 @@ class Consumer:
         """Queue a group event for this connection (called by the layer, never blocks)."""
         if self._closed or self._close_sent or self._pending_close is not None:
             return
-        if len(self._events) >= self.settings.max_pending_events:
-            self._events.clear()
+        if self._ready and not self._pumping:
+            # Nothing waiting: send now (see `_start_pump`).
+            self._start_pump(event)
+            return
+        events = self._events
+        if events is None:
+            events = self._events = deque()
+        elif len(events) >= self.settings.max_pending_events:
+            events.clear()
             self._metrics.slow_closed += 1
             self.log_event("too_slow", logging.WARNING, pending=self.settings.max_pending_events)
             self.close_soon(CloseConnection(CloseCodes.TRY_AGAIN_LATER, "too_slow", "too many updates waiting"))
             return
-        self._events.append(event)
-        if not self._pumping and self._ready:
-            self._start_pump()
+        events.append(event)
 
     def close_soon(self, reason: CloseConnection) -> None:
         """Close from outside the reader (timers, the layer): sends an error and closes."""
@@ -324,29 +370,34 @@ class Consumer:
         if self._reader is not None:
             self._reader.cancel(STOP_READING)
 
-    def _start_pump(self) -> None:
+    def _start_pump(self, first: dict[str, Any] | None = None) -> None:
         # Most sends complete at once, so the buffer is drained right here, and only a send
         # that has to wait (the socket is full) gets a task to finish in.
         if not self._pumping:
             self._pumping = True
-            self._pump = start_eagerly(self._drain())
+            self._pump = start_eagerly(self._drain(first))
 
-    async def _drain(self) -> None:
+    async def _drain(self, event: dict[str, Any] | None) -> None:
         try:
-            while self._pending_close is None and self._events:
-                event = self._events.popleft()
-                if event is _PING:
+            while self._pending_close is None:
+                if event is None:
+                    if not self._events:
+                        break
+                    event = self._events.popleft()
+                current: dict[str, Any] = event
+                event = None
+                if current is _PING:
                     await self.send_json({"type": "ping", "timestamp": time.time()})
                     continue
                 # The hot path of every fan-out, so inline rather than one more coroutine.
-                kind = event["type"]
+                kind = current["type"]
                 handler = self._handler("", kind)
                 if handler is None:
                     logger.warning("no handler for group event type %r", kind[:64])
                     await self.send_error("unknown_event", f"no handler for event type {kind[:64]!r}")
                     continue
                 try:
-                    await handler(event)
+                    await handler(current)
                 except CloseConnection as exc:
                     await self._close_with(exc)
                     self._stop_reading()
@@ -400,39 +451,40 @@ class Consumer:
         code = CloseCodes.NORMAL
         self.context.consumers.add(self)
         self._reader = asyncio.current_task()
+        # Nested rather than split into coroutines: every frame here lives as long as the
+        # connection, and idle connections are what a server holds most of.
         try:
-            code = await self._serve()
+            try:
+                if len(self.context.consumers) > self.settings.max_connections:
+                    raise CloseConnection(CloseCodes.TRY_AGAIN_LATER, "too_many_connections", "the server is full")
+                await self.connect()
+                if not self._accepted:
+                    await self.accept()
+                # Events that arrived during the handshake wait until the greeting is out.
+                self._ready = True
+                if self._events or self._pending_close is not None:
+                    self._start_pump()
+                self.context.heartbeat.add(self)
+                self._metrics.accepted += 1
+                self.log_event("connected")
+                code = await self._read()
+            except CloseConnection as exc:
+                code = exc.code
+                await self._close_with(exc)
+            except Exception:
+                code = 1011
+                logger.exception("consumer failed")
+                await self._close_with(CloseConnection(1011, "internal_error", "internal error"))
         except asyncio.CancelledError as exc:
+            # `_stop_reading()` or `_abandon()`: the connection is over, not the server.
             if exc.args != (STOP_READING,):
                 raise
-            assert self._reader is not None
-            self._reader.uncancel()
-            code = self.close_code or CloseCodes.NORMAL
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()
+            code = self.close_code or code
         finally:
             await self._teardown(code)
-
-    async def _serve(self) -> int:
-        try:
-            if len(self.context.consumers) > self.settings.max_connections:
-                raise CloseConnection(CloseCodes.TRY_AGAIN_LATER, "too_many_connections", "the server is full")
-            await self.connect()
-            if not self._accepted:
-                await self.accept()
-            # Events that arrived during the handshake wait until the greeting is out.
-            self._ready = True
-            if self._events or self._pending_close is not None:
-                self._start_pump()
-            self.context.heartbeat.add(self)
-            self._metrics.accepted += 1
-            self.log_event("connected")
-            return await self._read()
-        except CloseConnection as exc:
-            await self._close_with(exc)
-            return exc.code
-        except Exception:
-            logger.exception("consumer failed")
-            await self._close_with(CloseConnection(1011, "internal_error", "internal error"))
-            return 1011
 
     def _stop_reading(self) -> None:
         # After we closed, ASGI servers deliver `websocket.disconnect` once the client answers;
@@ -515,7 +567,7 @@ class Consumer:
         pump = self._pump
         if pump is not None and pump is not asyncio.current_task():
             await cancel_and_wait(pump)
-        self._events.clear()
+        self._events = None
         self._metrics.closed[self.close_code or code] += 1
         self.log_event(
             "closed",

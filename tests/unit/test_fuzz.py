@@ -577,8 +577,8 @@ def origin_expected(origin: str) -> tuple[bool | None, str | None]:
     protocol does not say (not an origin a browser sends). And a known bug it would hit."""
     try:
         urlsplit(origin)
-    except ValueError:
-        return False, "a malformed Origin makes urlsplit raise: 1011"
+    except ValueError:  # e.g. "http://[::1": refused like any origin not allowed
+        return False, None
     if origin == "null" or not CANONICAL_ORIGIN.fullmatch(origin):
         return (False if origin == "null" else None), None
     return origin.split("://", 1)[1].lower() == HOST, None
