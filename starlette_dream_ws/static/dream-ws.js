@@ -18,6 +18,8 @@ const HEARTBEAT_TIMEOUT = 4408;
 const SUBPROTOCOL_TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 // Less time left than this is not worth a refresh: the server closes, reconnecting mends it.
 const MIN_REFRESH_LEAD = 1000;
+// A renewal retried closer than this to the expiry could not reach the server in time.
+const RETRY_LEAD = 100;
 // setTimeout runs a longer delay at once.
 const MAX_DELAY = 2 ** 31 - 1;
 
@@ -380,6 +382,9 @@ export class DreamSocket {
    */
   async _refresh(ws, expiresAt, failures) {
     this._refreshTimer = null;
+    // A timer can fire late (a busy or throttled page): past the expiry the server closes with
+    // 4401 whatever we send, and reconnecting asks getToken() again.
+    if (Date.now() >= expiresAt) return;
     let token;
     try {
       token = await /** @type {() => string | Promise<string>} */ (this.options.getToken)();
@@ -390,7 +395,7 @@ export class DreamSocket {
       // Retry while a retry can still beat the expiry; after that the server closes with 4401,
       // and reconnecting asks getToken() again.
       const wait = Math.min(this.options.backoffMax, this.options.backoffBase * 2 ** failures);
-      if (this._ws === ws && Date.now() + wait < expiresAt) {
+      if (this._ws === ws && Date.now() + wait + RETRY_LEAD < expiresAt) {
         this._refreshTimer = setTimeout(() => this._refresh(ws, expiresAt, failures + 1), wait);
       }
       return;
