@@ -10,17 +10,24 @@ So each publish also appends the message to the group's stream (`XADD`, capped a
 in the same atomic script, and the channel carries the entry's id. After a reconnect the layer
 reads the stream from the last id it delivered (`history`), and the newest entry is the group's
 latest state (`latest`).
+
+Publishes are pipelined: while one batch is on its way to Redis, the next ones wait and go
+together in one round trip, so a burst of updates (a busy async producer, many endpoints)
+costs one write and one read per batch rather than per update. A lone publish goes at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from collections import deque
 from typing import Any
 
 from broadcaster import Event
 from broadcaster._backends.base import BroadcastBackend
 from redis import asyncio as aioredis
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 #: Seconds to wait for Redis to confirm a SUBSCRIBE or UNSUBSCRIBE.
@@ -34,6 +41,9 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PUBLISH', ARGV[4], id .. ' ' .. ARGV[1])
 return id
 """
+_PUBLISH_SHA = hashlib.sha1(_PUBLISH.encode()).hexdigest()
+#: Most publishes sent in one pipeline.
+MAX_BATCH = 256
 
 
 class BackendConnectionLost(ConnectionError):
@@ -61,8 +71,12 @@ class RedisPubSubBackend(BroadcastBackend):
         self._history_size = history_size
         self._client: aioredis.Redis | None = None
         self._pubsub: Any = None
-        self._script: Any = None
         self._pending: dict[tuple[str, str], asyncio.Future[None]] = {}
+        # Publishes waiting for the writer; each has a caller awaiting it, so this holds at
+        # most as many entries as there are publishes in flight.
+        self._outbox: deque[tuple[str, str, asyncio.Future[None]]] = deque()
+        self._outbox_ready = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
         # No silent retries inside redis-py: the layer owns reconnecting, with its own backoff.
@@ -75,16 +89,23 @@ class RedisPubSubBackend(BroadcastBackend):
             retry=Retry(NoBackoff(), 0),
         )
         self._client = aioredis.Redis(connection_pool=pool)
-        self._script = self._client.register_script(_PUBLISH)
         self._pubsub = self._client.pubsub()
         await self._pubsub.connect()
         await self._client.ping()
+        self._writer = asyncio.get_running_loop().create_task(self._write(), name="dream-ws redis publisher")
 
     async def disconnect(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.cancel()
+            await asyncio.wait({writer})
+        lost = BackendConnectionLost("backend disconnected")
         for future in self._pending.values():
             if not future.done():
-                future.set_exception(BackendConnectionLost("backend disconnected"))
+                future.set_exception(lost)
         self._pending.clear()
+        while self._outbox:
+            _fail(self._outbox.popleft()[2], lost)
         if self._pubsub is not None:
             await self._pubsub.aclose()
         if self._client is not None:
@@ -109,8 +130,69 @@ class RedisPubSubBackend(BroadcastBackend):
             self._pending.pop((kind, channel), None)
 
     async def publish(self, channel: str, message: Any) -> None:
-        assert self._script is not None, "connect() first"
-        await self._script(keys=[HISTORY_PREFIX + channel], args=[message, self._ttl_ms, self._history_size, channel])
+        if self._writer is None or self._writer.done():
+            raise BackendConnectionLost("not connected")
+        future = asyncio.get_running_loop().create_future()
+        self._outbox.append((channel, message, future))
+        self._outbox_ready.set()
+        # A caller that gives up (its timeout) cancels the future: the writer skips it if it
+        # has not been sent yet; if it has, it may still be published (at least once).
+        await future
+
+    async def _write(self) -> None:
+        """Send what waits in the outbox, a pipeline at a time, until cancelled."""
+        try:
+            while True:
+                await self._outbox_ready.wait()
+                self._outbox_ready.clear()
+                while self._outbox:
+                    batch: list[tuple[str, str, asyncio.Future[None]]] = []
+                    while self._outbox and len(batch) < MAX_BATCH:
+                        entry = self._outbox.popleft()
+                        if not entry[2].done():
+                            batch.append(entry)
+                    if batch:
+                        await self._send(batch)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            # Not a Redis error (those fail their batch): fail everything waiting, so that no
+            # caller waits for a writer that is gone.
+            while self._outbox:
+                _fail(self._outbox.popleft()[2], exc)
+            raise
+
+    async def _send(self, batch: list[tuple[str, str, asyncio.Future[None]]]) -> None:
+        assert self._client is not None
+        try:
+            results = await self._pipeline(batch)
+            unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+            if unknown:
+                # Redis lost its script cache (a restart, SCRIPT FLUSH): load it, send those again.
+                await self._client.script_load(_PUBLISH)
+                for i, result in zip(unknown, await self._pipeline([batch[i] for i in unknown]), strict=True):
+                    results[i] = result
+        except BaseException as exc:
+            failure = exc if isinstance(exc, Exception) else BackendConnectionLost("backend disconnected")
+            for _, _, future in batch:
+                _fail(future, failure)
+            if failure is not exc:
+                raise
+            return
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                _fail(future, result)
+            elif not future.done():
+                future.set_result(None)
+
+    async def _pipeline(self, batch: list[tuple[str, str, asyncio.Future[None]]]) -> list[Any]:
+        assert self._client is not None
+        async with self._client.pipeline(transaction=False) as pipe:
+            for channel, message, _ in batch:
+                pipe.evalsha(
+                    _PUBLISH_SHA, 1, HISTORY_PREFIX + channel, message, self._ttl_ms, self._history_size, channel
+                )
+            return list(await pipe.execute(raise_on_error=False))
 
     async def next_published(self) -> Event:
         while True:
@@ -155,6 +237,11 @@ class RedisPubSubBackend(BroadcastBackend):
         if not entries or entries[0][1] is None:
             return None
         return _text(entries[0][1][b"m"])
+
+
+def _fail(future: asyncio.Future[None], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 def _text(value: Any) -> str:
