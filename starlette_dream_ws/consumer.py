@@ -9,8 +9,10 @@ Client messages get the `receive_` prefix so that no client can reach an event h
 life-cycle method by naming it. A `type` with no handler is answered with an `error`.
 
 Each connection runs in the task the server gave it, which reads client frames. Group events
-and heartbeat pings go through a bounded buffer that a short-lived task drains while there is
-something to send; when the buffer is full the client is too slow and is closed with 1013.
+and heartbeat pings go through a bounded buffer, sent on the next pass of the event loop with
+whatever else has arrived for the connection by then; only a send that has to wait (the client
+is not reading) gets a task to finish in. When the buffer is full the client is too slow and is
+closed with 1013.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ class Consumer:
         "_reader",
         "_ready",
         "_receive",
+        "_scheduled",
         "_send",
         "_waiting_for_client",
         "close_code",
@@ -173,6 +176,8 @@ class Consumer:
         self._events: deque[dict[str, Any]] | None = None
         self._pump: asyncio.Task[None] | None = None
         self._pumping = False
+        #: The loop callback that will send what `deliver` buffered.
+        self._scheduled: asyncio.Handle | None = None
         self._reader: asyncio.Task[Any] | None = None
         self._waiting_for_client = False
         self._pending_close: CloseConnection | None = None
@@ -329,10 +334,6 @@ class Consumer:
         """Queue a group event for this connection (called by the layer, never blocks)."""
         if self._closed or self._close_sent or self._pending_close is not None:
             return
-        if self._ready and not self._pumping:
-            # Nothing waiting: send now (see `_start_pump`).
-            self._start_pump(event)
-            return
         events = self._events
         if events is None:
             events = self._events = deque()
@@ -343,6 +344,15 @@ class Consumer:
             self.close_soon(CloseConnection(CloseCodes.TRY_AGAIN_LATER, "too_slow", "too many updates waiting"))
             return
         events.append(event)
+        if self._ready and not self._pumping and self._scheduled is None:
+            # Sent on the next pass of the loop rather than now: a burst of events (a backend
+            # read returns many) then goes out connection by connection, several frames in a
+            # row, which costs both ends far less than one frame per connection in turn.
+            self._scheduled = asyncio.get_running_loop().call_soon(self._send_buffered)
+
+    def _send_buffered(self) -> None:
+        self._scheduled = None
+        self._start_pump()
 
     def close_soon(self, reason: CloseConnection) -> None:
         """Close from outside the reader (timers, the layer): sends an error and closes."""
@@ -370,22 +380,20 @@ class Consumer:
         if self._reader is not None:
             self._reader.cancel(STOP_READING)
 
-    def _start_pump(self, first: dict[str, Any] | None = None) -> None:
+    def _start_pump(self) -> None:
         # Most sends complete at once, so the buffer is drained right here, and only a send
         # that has to wait (the socket is full) gets a task to finish in.
         if not self._pumping:
             self._pumping = True
-            self._pump = start_eagerly(self._drain(first))
+            self._pump = start_eagerly(self._drain())
 
-    async def _drain(self, event: dict[str, Any] | None) -> None:
+    async def _drain(self) -> None:
         try:
             while self._pending_close is None:
-                if event is None:
-                    if not self._events:
-                        break
-                    event = self._events.popleft()
-                current: dict[str, Any] = event
-                event = None
+                events = self._events
+                if not events:
+                    break
+                current = events.popleft()
                 if current is _PING:
                     await self.send_json({"type": "ping", "timestamp": time.time()})
                     continue
@@ -409,6 +417,8 @@ class Consumer:
         finally:
             self._pumping = False
             self._pump = None
+            if not self._events:
+                self._events = None  # most connections are idle: hold no buffer for them
 
     def _handler(self, prefix: str, kind: str) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
         key = (type(self), prefix, kind)
@@ -564,6 +574,9 @@ class Consumer:
                 await self.layer.leave(group, self)
             except Exception as exc:
                 logger.warning("leaving %s failed: %s", group, type(exc).__name__)
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
         pump = self._pump
         if pump is not None and pump is not asyncio.current_task():
             await cancel_and_wait(pump)

@@ -71,21 +71,26 @@ class StuckConsumer(DreamImagesConsumer):
     """Its handler waits on a gate, as a send to a client that does not read would."""
 
     gate = asyncio.Event()
+    #: Set once a send is stuck on the gate.
+    stuck = asyncio.Event()
 
     async def image_update(self, event: dict[str, Any]) -> None:
+        self.stuck.set()
         await self.gate.wait()
         await super().image_update(event)
 
 
 async def test_a_client_over_its_buffer_is_counted_as_slow(make_app: MakeApp) -> None:
-    StuckConsumer.gate = asyncio.Event()
+    StuckConsumer.gate, StuckConsumer.stuck = asyncio.Event(), asyncio.Event()
     app = make_app(metrics=True, max_pending_events=2, consumer=StuckConsumer)
     async with ConsumerTestClient(app) as client:
         async with client.connect("/dreams/5") as ws:
             assert (await ws.receive_json())["type"] == "connection_established"
             member = next(iter(app.context.consumers))
             # The first event holds the connection's sender; two more fill its buffer; the fourth overflows.
-            for _ in range(4):
+            member.deliver({"type": "image_update", "dream_id": 5})
+            await StuckConsumer.stuck.wait()
+            for _ in range(3):
                 member.deliver({"type": "image_update", "dream_id": 5})
             StuckConsumer.gate.set()
             code, messages = await ws.expect_close()
