@@ -58,6 +58,12 @@ UVICORN_OPTIONS = [
     "--backlog",
     "4096",
 ]
+#: Each stack runs exactly one heartbeat. Ours is the protocol's own (a JSON `ping` every
+#: `heartbeat_interval`, 30 s by default), so uvicorn's WebSocket pings, which would only repeat
+#: it, are off, as docs/deployment.md recommends; the others have none of their own and keep uvicorn's
+#: (every 20 s by default).
+STACK_OPTIONS = {"ours": ["--ws-ping-interval", "0"], "channels": [], "ceiling": []}
+HEARTBEAT_SECONDS = {"ours": 30.0, "channels": 20.0, "ceiling": 20.0}
 SCENARIOS = ("idle", "handshake", "fanout", "spread", "throughput")
 #: How long delivery may stall before the rest counts as lost.
 DRAIN_TIMEOUT = 10.0
@@ -67,7 +73,9 @@ DRAIN_TIMEOUT = 10.0
 class Sizes:
     idle_clients: int = 10_000
     idle_dreams: int = 1_000
-    idle_window: float = 20.0
+    #: Seconds the idle CPU is measured over; None: one heartbeat period of the stack, so that
+    #: every connection is pinged once in it, whenever it was opened.
+    idle_window: float | None = None
     handshake_clients: int = 5_000
     fanout_clients: int = 1_000
     fanout_rate: float = 10.0
@@ -151,6 +159,7 @@ class Server:
                     "--port",
                     str(self.port),
                     *UVICORN_OPTIONS,
+                    *STACK_OPTIONS[stack],
                 ],
                 cwd=ROOT,
                 env=env,
@@ -369,7 +378,8 @@ async def idle(server: Server, redis_url: str, sizes: Sizes) -> dict[str, Any]:
     try:
         with_idle = server.rss_kib()
         async with measured(server) as figures:
-            await asyncio.sleep(sizes.idle_window)  # measuring: nothing to wait for but time
+            window = sizes.idle_window or HEARTBEAT_SECONDS[server.stack]
+            await asyncio.sleep(window)  # measuring: nothing to wait for but time
         after_window = server.rss_kib()
         report = await client.command("report", "report")
     finally:
