@@ -24,12 +24,12 @@ import json
 import logging
 import re
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
+from starlette.datastructures import Headers, QueryParams
 from starlette.requests import HTTPConnection
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from .auth import AuthenticationFailed, TokenVerifier, User, extract_token
 from .eager import start_eagerly
@@ -162,7 +162,9 @@ class Consumer:
         self.settings = context.settings
         self.layer = context.layer
         self.user: User | None = None
-        self.groups: set[str] = set()
+        #: Groups this connection has joined (a tuple: most connections join one, and a set
+        #: costs 216 bytes even empty).
+        self.groups: tuple[str, ...] = ()
         self.close_code: int | None = None
         self._receive = receive
         self._send = send
@@ -172,8 +174,9 @@ class Consumer:
         self._close_sent = False
         self._closed = False
         self._accepted_subprotocol: str | None = None
-        #: Events waiting while a send is in progress (made when first needed).
-        self._events: deque[dict[str, Any]] | None = None
+        #: Events waiting to be sent, oldest first (a list, made when first needed: most hold
+        #: one event, and a deque costs over 600 bytes however few it holds).
+        self._events: list[dict[str, Any]] | None = None
         self._pump: asyncio.Task[None] | None = None
         self._pumping = False
         #: The loop callback that will send what `deliver` buffered.
@@ -213,7 +216,7 @@ class Consumer:
 
     def check_origin(self) -> None:
         """Refuse pages of other sites (cross-site WebSocket hijacking) with 1008."""
-        headers = self.connection.headers
+        headers = self._headers()
         if not origin_allowed(headers.get("origin"), headers.get("host"), self.settings.allowed_origins):
             self.log_event("refused", reason="origin_not_allowed")
             raise CloseConnection(CloseCodes.POLICY_VIOLATION, "origin_not_allowed", "this origin may not connect")
@@ -244,7 +247,8 @@ class Consumer:
     def authenticate(self) -> User:
         if self.context.verifier is None:
             raise CloseConnection(CloseCodes.UNAUTHENTICATED, "unauthenticated", "no token verifier configured")
-        token, _ = extract_token(self.connection.query_params, self.connection.headers, self._offered_subprotocols())
+        query = QueryParams(self.scope.get("query_string", b""))
+        token, _ = extract_token(query, self._headers(), self._offered_subprotocols())
         try:
             return self.context.verifier.verify(token)
         except AuthenticationFailed as exc:
@@ -322,33 +326,38 @@ class Consumer:
             await self.layer.join(group, self)
         except BackendUnavailable:
             raise CloseConnection(CloseCodes.TRY_AGAIN_LATER, "unavailable", "updates are unavailable now") from None
-        self.groups.add(group)
+        if group not in self.groups:
+            self.groups = (*self.groups, group)
 
     async def group_discard(self, group: str) -> None:
-        self.groups.discard(group)
+        self.groups = tuple(g for g in self.groups if g != group)
         await self.layer.leave(group, self)
 
     # -- group events -----------------------------------------------------------------------
 
     def deliver(self, event: dict[str, Any]) -> None:
         """Queue a group event for this connection (called by the layer, never blocks)."""
+        if self._buffer(event) and self._scheduled is None:
+            # Sent on the next pass of the loop rather than now: a burst of events (a backend
+            # read returns many) then goes out connection by connection, several frames in a
+            # row, which costs both ends far less than one frame per connection in turn.
+            self._scheduled = asyncio.get_running_loop().call_soon(self._send_buffered)
+
+    def _buffer(self, event: dict[str, Any]) -> bool:
+        """Add `event` to the buffer; whether a send should be started for it."""
         if self._closed or self._close_sent or self._pending_close is not None:
-            return
+            return False
         events = self._events
         if events is None:
-            events = self._events = deque()
+            events = self._events = []
         elif len(events) >= self.settings.max_pending_events:
             events.clear()
             self._metrics.slow_closed += 1
             self.log_event("too_slow", logging.WARNING, pending=self.settings.max_pending_events)
             self.close_soon(CloseConnection(CloseCodes.TRY_AGAIN_LATER, "too_slow", "too many updates waiting"))
-            return
+            return False
         events.append(event)
-        if self._ready and not self._pumping and self._scheduled is None:
-            # Sent on the next pass of the loop rather than now: a burst of events (a backend
-            # read returns many) then goes out connection by connection, several frames in a
-            # row, which costs both ends far less than one frame per connection in turn.
-            self._scheduled = asyncio.get_running_loop().call_soon(self._send_buffered)
+        return self._ready and not self._pumping
 
     def _send_buffered(self) -> None:
         self._scheduled = None
@@ -393,7 +402,7 @@ class Consumer:
                 events = self._events
                 if not events:
                     break
-                current = events.popleft()
+                current = events.pop(0)  # at most `max_pending_events`: a short move
                 if current is _PING:
                     await self.send_json({"type": "ping", "timestamp": time.time()})
                     continue
@@ -449,7 +458,10 @@ class Consumer:
             return
         if now >= self._next_ping:
             self._next_ping = now + self.settings.heartbeat_interval
-            self.deliver(_PING)
+            # Sent at once: a tick pings many connections, and nothing held for the next pass
+            # of the loop (per connection) is then alive for all of them together.
+            if self._buffer(_PING) and self._scheduled is None:
+                self._start_pump()
 
     # -- running ----------------------------------------------------------------------------
 
@@ -477,7 +489,21 @@ class Consumer:
                 self.context.heartbeat.add(self)
                 self._metrics.accepted += 1
                 self.log_event("connected")
-                code = await self._read()
+                # The wait for client frames, here rather than in a coroutine of its own: a
+                # connection waits in it for as long as it is open.
+                while True:
+                    self._waiting_for_client = True
+                    try:
+                        message = await self._receive()
+                    finally:
+                        self._waiting_for_client = False
+                    if message["type"] == "websocket.disconnect":
+                        code = int(message.get("code") or CloseCodes.NORMAL)
+                        break
+                    await self._handle_frame(message)
+                    if self._close_sent:
+                        code = self.close_code or CloseCodes.NORMAL
+                        break
             except CloseConnection as exc:
                 code = exc.code
                 await self._close_with(exc)
@@ -502,51 +528,41 @@ class Consumer:
         if self._reader is not None and self._waiting_for_client:
             self._reader.cancel(STOP_READING)
 
-    async def _read(self) -> int:
+    async def _handle_frame(self, message: Message) -> None:
+        """One client frame: rate and size limits, JSON, dispatch; raises `CloseConnection`."""
+        self._metrics.messages_in += 1
+        self._last_seen = time.monotonic()
+        if not self._rate.take():
+            if self._rate.strikes >= self._rate.burst:
+                raise CloseConnection(CloseCodes.POLICY_VIOLATION, "rate_limited", "too many messages")
+            if self._rate.strikes == 1:
+                await self.send_error("rate_limited", "too many messages: this one and any more are dropped")
+            return
         limit = self.settings.max_message_size
-        metrics = self._metrics
-        while True:
-            self._waiting_for_client = True
-            try:
-                message = await self._receive()
-            finally:
-                self._waiting_for_client = False
-            if message["type"] == "websocket.disconnect":
-                return int(message.get("code") or CloseCodes.NORMAL)
-            metrics.messages_in += 1
-            self._last_seen = time.monotonic()
-            if not self._rate.take():
-                if self._rate.strikes >= self._rate.burst:
-                    raise CloseConnection(CloseCodes.POLICY_VIOLATION, "rate_limited", "too many messages")
-                if self._rate.strikes == 1:
-                    await self.send_error("rate_limited", "too many messages: this one and any more are dropped")
-                continue
-            text = message.get("text")
-            if text is None:
-                data = message.get("bytes") or b""
-                if len(data) > limit:
-                    raise self._too_big(limit)
-                await self.send_error("binary_not_supported", "send JSON text frames")
-                continue
-            if len(text) > limit or len(text.encode()) > limit:
+        text = message.get("text")
+        if text is None:
+            data = message.get("bytes") or b""
+            if len(data) > limit:
                 raise self._too_big(limit)
-            try:
-                content = json.loads(text)
-            except (ValueError, RecursionError):
-                await self.send_error("invalid_json", "the frame is not valid JSON")
-                continue
-            if not isinstance(content, dict):
-                await self.send_error("invalid_message", "each frame must be one JSON object")
-                continue
-            try:
-                await self.receive_json(content)
-            except CloseConnection:
-                raise
-            except Exception:
-                logger.exception("handler for client message failed")
-                await self.send_error("internal_error", "the message could not be handled")
-            if self._close_sent:
-                return self.close_code or CloseCodes.NORMAL
+            await self.send_error("binary_not_supported", "send JSON text frames")
+            return
+        if len(text) > limit or len(text.encode()) > limit:
+            raise self._too_big(limit)
+        try:
+            content = json.loads(text)
+        except (ValueError, RecursionError):
+            await self.send_error("invalid_json", "the frame is not valid JSON")
+            return
+        if not isinstance(content, dict):
+            await self.send_error("invalid_message", "each frame must be one JSON object")
+            return
+        try:
+            await self.receive_json(content)
+        except CloseConnection:
+            raise
+        except Exception:
+            logger.exception("handler for client message failed")
+            await self.send_error("internal_error", "the message could not be handled")
 
     @staticmethod
     def _too_big(limit: int) -> CloseConnection:
@@ -568,8 +584,8 @@ class Consumer:
         self._closed = True
         self.context.heartbeat.discard(self)
         self.context.remove(self)
-        for group in tuple(self.groups):
-            self.groups.discard(group)
+        groups, self.groups = self.groups, ()
+        for group in groups:
             try:
                 await self.layer.leave(group, self)
             except Exception as exc:
@@ -592,6 +608,10 @@ class Consumer:
             await self.disconnect(self.close_code or code)
         except Exception:
             logger.exception("disconnect hook failed")
+
+    def _headers(self) -> Headers:
+        # Read in place: `self.connection.headers` would keep a copy of the list in the scope.
+        return Headers(raw=list(self.scope.get("headers") or ()))
 
     def _offered_subprotocols(self) -> list[str]:
         return [str(p).strip() for p in self.scope.get("subprotocols") or []]

@@ -60,9 +60,10 @@ async def test_a_client_that_answers_stays_open(make_app: MakeApp) -> None:
 
 async def test_token_expiring_while_connected_closes_with_4401(make_app: MakeApp) -> None:
     async with ConsumerTestClient(make_app(heartbeat_interval=0.1, heartbeat_timeout=10)) as client:
-        token = client.token("u1", expires_in=1)
+        # `exp` is whole seconds: 1 s could leave no time at all for the handshake.
+        token = client.token("u1", expires_in=2)
         async with client.connect("/dreams/1", token=token) as ws:
-            await ws.receive_json()
+            assert (await ws.receive_json())["type"] == "connection_established"
             code, messages = await ws.expect_close(timeout=5)
     assert code == 4401
     assert messages[-1]["code"] == "token_expired"
