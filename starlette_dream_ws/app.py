@@ -67,6 +67,7 @@ class ConsumerApp:
             settings = dataclasses.replace(settings, **overrides)
         self.settings = settings
         self.layer = GroupLayer(settings)
+        self._started = False
         self.heartbeat = Heartbeat(settings.heartbeat_interval, settings.effective_heartbeat_timeout)
         self.context = ConsumerContext(
             settings=settings,
@@ -106,9 +107,12 @@ class ConsumerApp:
 
         Raises `BackendUnavailable` if the backend cannot be reached now.
         """
+        if self._started and self.layer.connected:
+            return  # every connection calls this: the common case is one check
         redaction.install()
         await self.layer.connect()
         register_app_layer(self.layer)
+        self._started = True
 
     async def close(self, code: int = CloseCodes.GOING_AWAY) -> None:
         """Close every connection with `code`, stop the heartbeat, disconnect the layer."""
@@ -122,6 +126,7 @@ class ConsumerApp:
                     await drained.wait()
             self.context.drained = None
         await self.heartbeat.close()
+        self._started = False
         unregister_app_layer(self.layer)
         await self.layer.disconnect()
 

@@ -103,6 +103,25 @@ class ConsumerContext:
     #: Open connections per authenticated user id.
     per_user: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     metrics: ConnectionMetrics = dataclasses.field(default_factory=ConnectionMetrics)
+    #: Consumers with events to send on the next pass of the loop, and the callback that will.
+    _due: list[Consumer] = dataclasses.field(default_factory=list, init=False, repr=False)
+    _due_handle: asyncio.Handle | None = dataclasses.field(default=None, init=False, repr=False)
+
+    def send_soon(self, consumer: Consumer) -> None:
+        """Have `consumer` send what it has buffered on the next pass of the loop.
+
+        One callback for every connection rather than one each: a fan-out allocates nothing
+        per connection that the garbage collector would then have to walk.
+        """
+        self._due.append(consumer)
+        if self._due_handle is None:
+            self._due_handle = asyncio.get_running_loop().call_soon(self._send_due)
+
+    def _send_due(self) -> None:
+        self._due_handle = None
+        due, self._due = self._due, []
+        for consumer in due:
+            consumer._send_buffered()
 
     def remove(self, consumer: Consumer) -> None:
         self.consumers.discard(consumer)
@@ -131,9 +150,11 @@ class Consumer:
         "_close_sent",
         "_closed",
         "_closing_since",
+        "_due",
         "_events",
         "_last_seen",
         "_metrics",
+        "_next_event",
         "_next_ping",
         "_pending_close",
         "_pump",
@@ -142,7 +163,6 @@ class Consumer:
         "_reader",
         "_ready",
         "_receive",
-        "_scheduled",
         "_send",
         "_waiting_for_client",
         "close_code",
@@ -177,10 +197,12 @@ class Consumer:
         #: Events waiting to be sent, oldest first (a list, made when first needed: most hold
         #: one event, and a deque costs over 600 bytes however few it holds).
         self._events: list[dict[str, Any]] | None = None
+        #: The oldest waiting event when it is the only one (no list is made for one).
+        self._next_event: dict[str, Any] | None = None
         self._pump: asyncio.Task[None] | None = None
         self._pumping = False
-        #: The loop callback that will send what `deliver` buffered.
-        self._scheduled: asyncio.Handle | None = None
+        #: Whether the context will call `_send_buffered` on the next pass of the loop.
+        self._due = False
         self._reader: asyncio.Task[Any] | None = None
         self._waiting_for_client = False
         self._pending_close: CloseConnection | None = None
@@ -337,21 +359,26 @@ class Consumer:
 
     def deliver(self, event: dict[str, Any]) -> None:
         """Queue a group event for this connection (called by the layer, never blocks)."""
-        if self._buffer(event) and self._scheduled is None:
+        if self._buffer(event) and not self._due:
             # Sent on the next pass of the loop rather than now: a burst of events (a backend
             # read returns many) then goes out connection by connection, several frames in a
             # row, which costs both ends far less than one frame per connection in turn.
-            self._scheduled = asyncio.get_running_loop().call_soon(self._send_buffered)
+            self._due = True
+            self.context.send_soon(self)
 
     def _buffer(self, event: dict[str, Any]) -> bool:
         """Add `event` to the buffer; whether a send should be started for it."""
         if self._closed or self._close_sent or self._pending_close is not None:
             return False
         events = self._events
+        if self._next_event is None and not events:
+            self._next_event = event
+            return self._ready and not self._pumping
         if events is None:
             events = self._events = []
-        elif len(events) >= self.settings.max_pending_events:
+        elif len(events) + (self._next_event is not None) >= self.settings.max_pending_events:
             events.clear()
+            self._next_event = None
             self._metrics.slow_closed += 1
             self.log_event("too_slow", logging.WARNING, pending=self.settings.max_pending_events)
             self.close_soon(CloseConnection(CloseCodes.TRY_AGAIN_LATER, "too_slow", "too many updates waiting"))
@@ -360,8 +387,9 @@ class Consumer:
         return self._ready and not self._pumping
 
     def _send_buffered(self) -> None:
-        self._scheduled = None
-        self._start_pump()
+        self._due = False
+        if not self._closed:
+            self._start_pump()
 
     def close_soon(self, reason: CloseConnection) -> None:
         """Close from outside the reader (timers, the layer): sends an error and closes."""
@@ -399,10 +427,13 @@ class Consumer:
     async def _drain(self) -> None:
         try:
             while self._pending_close is None:
-                events = self._events
-                if not events:
+                current = self._next_event
+                if current is not None:
+                    self._next_event = None
+                elif self._events:
+                    current = self._events.pop(0)  # at most `max_pending_events`: a short move
+                else:
                     break
-                current = events.pop(0)  # at most `max_pending_events`: a short move
                 if current is _PING:
                     await self.send_json({"type": "ping", "timestamp": time.time()})
                     continue
@@ -460,7 +491,7 @@ class Consumer:
             self._next_ping = now + self.settings.heartbeat_interval
             # Sent at once: a tick pings many connections, and nothing held for the next pass
             # of the loop (per connection) is then alive for all of them together.
-            if self._buffer(_PING) and self._scheduled is None:
+            if self._buffer(_PING) and not self._due:
                 self._start_pump()
 
     # -- running ----------------------------------------------------------------------------
@@ -484,7 +515,7 @@ class Consumer:
                     await self.accept()
                 # Events that arrived during the handshake wait until the greeting is out.
                 self._ready = True
-                if self._events or self._pending_close is not None:
+                if self._next_event is not None or self._events or self._pending_close is not None:
                     self._start_pump()
                 self.context.heartbeat.add(self)
                 self._metrics.accepted += 1
@@ -590,13 +621,10 @@ class Consumer:
                 await self.layer.leave(group, self)
             except Exception as exc:
                 logger.warning("leaving %s failed: %s", group, type(exc).__name__)
-        if self._scheduled is not None:
-            self._scheduled.cancel()
-            self._scheduled = None
         pump = self._pump
         if pump is not None and pump is not asyncio.current_task():
             await cancel_and_wait(pump)
-        self._events = None
+        self._events = self._next_event = None
         self._metrics.closed[self.close_code or code] += 1
         self.log_event(
             "closed",
