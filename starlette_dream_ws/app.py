@@ -68,13 +68,17 @@ class ConsumerApp:
         self.settings = settings
         self.layer = GroupLayer(settings)
         self._started = False
-        self.heartbeat = Heartbeat(settings.heartbeat_interval, settings.effective_heartbeat_timeout)
+        # The heartbeat looks at every open connection: one set of them (an entry costs tens of
+        # bytes per connection in each set it is in).
+        consumers: set[Consumer] = set()
+        self.heartbeat = Heartbeat(settings.heartbeat_interval, settings.effective_heartbeat_timeout, consumers)
         self.context = ConsumerContext(
             settings=settings,
             layer=self.layer,
             verifier=TokenVerifier(settings),
             heartbeat=self.heartbeat,
             authorize=authorize,
+            consumers=consumers,
         )
         # Consumer routes are matched in __call__, before the router (which serves the rest).
         self._consumer_routes = [WebSocketRoute(path, cls) for path, cls in routes.items()]

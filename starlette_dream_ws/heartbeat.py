@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 logger = logging.getLogger("starlette_dream_ws.heartbeat")
 
@@ -22,10 +22,11 @@ class Beating(Protocol):
 class Heartbeat:
     """Ticks while at least one connection is registered, and stops when none is left."""
 
-    def __init__(self, interval: float, timeout: float) -> None:
+    def __init__(self, interval: float, timeout: float, members: set[Any] | None = None) -> None:
+        """`members`: a set to keep the members in, if the owner keeps one of them anyway."""
         # A tenth of the shortest period keeps pings and timeouts within 10% of their due time.
         self.tick = max(0.02, min(interval, timeout - interval) / 10)
-        self._members: set[Beating] = set()
+        self._members: set[Beating] = set() if members is None else members
         self._task: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
@@ -53,7 +54,6 @@ class Heartbeat:
                     logger.exception("heartbeat check failed")
 
     async def close(self) -> None:
-        self._members.clear()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
