@@ -562,8 +562,9 @@ class Consumer:
     async def _handle_frame(self, message: Message) -> None:
         """One client frame: rate and size limits, JSON, dispatch; raises `CloseConnection`."""
         self._metrics.messages_in += 1
-        self._last_seen = time.monotonic()
-        if not self._rate.take():
+        # One clock reading (and one float kept) for both.
+        self._last_seen = now = time.monotonic()
+        if not self._rate.take(now):
             if self._rate.strikes >= self._rate.burst:
                 raise CloseConnection(CloseCodes.POLICY_VIOLATION, "rate_limited", "too many messages")
             if self._rate.strikes == 1:

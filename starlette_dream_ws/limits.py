@@ -23,8 +23,10 @@ class RateLimiter:
         self._tokens = float(burst)
         self._stamp = time.monotonic()
 
-    def take(self) -> bool:
-        now = time.monotonic()
+    def take(self, now: float | None = None) -> bool:
+        """`now`: monotonic time, if the caller has it already."""
+        if now is None:
+            now = time.monotonic()
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
         if self._tokens >= 1:
