@@ -145,12 +145,18 @@ def _position(event_id: str) -> tuple[int, int]:
 MAX_BACKLOG = 10_000
 
 
+#: Most new groups subscribed with one command.
+MAX_SUBSCRIBE_BATCH = 500
+
+
 class _Group:
-    __slots__ = ("backlog", "last_id", "members", "ready")
+    __slots__ = ("backlog", "error", "last_id", "members", "ready")
 
     def __init__(self) -> None:
         self.members: set[Member] = set()
+        #: Set once subscribing has ended, with `error` set if it failed.
         self.ready = asyncio.Event()
+        self.error: BaseException | None = None
         #: Id of the newest event delivered (history backends only).
         self.last_id: str | None = None
         #: Live events that arrived while catching up; None when not catching up.
@@ -175,6 +181,10 @@ class GroupLayer:
         self._groups: dict[str, _Group] = {}
         self._reader: asyncio.Task[None] | None = None
         self._resubscriber: asyncio.Task[None] | None = None
+        #: New groups waiting to be subscribed, and the task that subscribes them in batches.
+        self._to_subscribe: list[tuple[str, _Group]] = []
+        self._subscriber: asyncio.Task[None] | None = None
+        self._subscribe_wanted: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
         self._healthy: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -221,6 +231,7 @@ class GroupLayer:
             if self._state is None:
                 self._state = create_state_store(self.settings.effective_state_url)
             self._reader = loop.create_task(self._read(), name="dream-ws layer reader")
+            self._start_subscriber()
             assert self._healthy is not None
             if self._groups:
                 # Members of groups left from a reader that ended must be subscribed again.
@@ -235,6 +246,9 @@ class GroupLayer:
         self._state = None
         self._reader = None
         self._resubscriber = None
+        self._subscriber = None
+        self._to_subscribe = []
+        self._subscribe_wanted = asyncio.Event()
         self._groups = {}
         self._lock = asyncio.Lock()
         self._healthy = asyncio.Event()
@@ -244,6 +258,11 @@ class GroupLayer:
         reader, self._reader = self._reader, None
         if reader is not None:
             await cancel_and_wait(reader)
+        subscriber, self._subscriber = self._subscriber, None
+        if subscriber is not None:
+            await cancel_and_wait(subscriber)
+        self._fail_joins(self._to_subscribe, BackendUnavailable("the groups layer was disconnected"))
+        self._to_subscribe = []
         self._groups.clear()
         if self._healthy is not None:
             self._healthy.clear()
@@ -261,39 +280,109 @@ class GroupLayer:
         return len(entry.members) if entry is not None else 0
 
     async def join(self, group: str, member: Member) -> None:
-        """Add `member` to `group`; once this returns, every later publish reaches it."""
+        """Add `member` to `group`; once this returns, every later publish reaches it.
+
+        Raises `BackendUnavailable` if the group cannot be subscribed now.
+        """
         await self.connect()
         entry = self._groups.get(group)
-        if entry is not None:
-            entry.members.add(member)
-            await entry.ready.wait()
-            return
-        entry = self._groups[group] = _Group()
-        entry.members.add(member)
-        try:
+        if entry is None:
             await self._wait_healthy()
-            assert self._lock is not None
-            async with self._lock:
-                backend = self._backend
-                if backend is None:
-                    raise BackendUnavailable("the groups backend is reconnecting")
-                await backend.subscribe(group)
-                if keeps_history(backend):
-                    # Where a catch-up after a reconnect starts: nothing older than now.
-                    baseline = await backend.last_id(group)
-                    if baseline is not None and entry.is_new(baseline):
-                        entry.last_id = baseline
+            entry = self._groups.get(group)
+        if entry is None:
+            # New groups are subscribed in batches by one task: a burst of connections to
+            # different groups costs a few round trips to the backend, not two each.
+            entry = self._groups[group] = _Group()
+            self._to_subscribe.append((group, entry))
+            assert self._subscribe_wanted is not None and self.loop is not None
+            self._subscribe_wanted.set()
+            self._start_subscriber()
+        entry.members.add(member)
+        if entry.ready.is_set() and entry.error is None:
+            return
+        try:
+            await entry.ready.wait()
         except BaseException:
+            # The subscriber drops (or unsubscribes) a group nobody is waiting for any more.
             entry.members.discard(member)
-            if self._groups.get(group) is entry:
-                del self._groups[group]
-            # Joiners waiting on this entry must not hang: wake them, they find they are out.
-            entry.ready.set()
             raise
-        entry.ready.set()
+        if entry.error is not None:
+            entry.members.discard(member)
+            raise BackendUnavailable(f"cannot subscribe to {group}: {type(entry.error).__name__}") from entry.error
         if member not in entry.members:
             # Left while subscribing.
             await self._unsubscribe_if_empty(group, entry)
+
+    def _start_subscriber(self) -> None:
+        if self._subscriber is None or self._subscriber.done():
+            assert self.loop is not None
+            self._subscriber = self.loop.create_task(self._subscribe_queued(), name="dream-ws layer subscriber")
+
+    async def _subscribe_queued(self) -> None:
+        """Subscribe the queued new groups, a batch at a time, until cancelled."""
+        assert self._subscribe_wanted is not None and self._lock is not None
+        while True:
+            await self._subscribe_wanted.wait()
+            self._subscribe_wanted.clear()
+            while self._to_subscribe:
+                taken = self._to_subscribe[:MAX_SUBSCRIBE_BATCH]
+                del self._to_subscribe[:MAX_SUBSCRIBE_BATCH]
+                batch = []
+                for group, entry in taken:
+                    if self._groups.get(group) is not entry:
+                        continue
+                    if not entry.members:  # all left before their turn: no subscription
+                        del self._groups[group]
+                        entry.ready.set()
+                        continue
+                    batch.append((group, entry))
+                if not batch:
+                    continue
+                try:
+                    await self._subscribe_batch(batch)
+                except asyncio.CancelledError:
+                    self._fail_joins(batch, BackendUnavailable("the groups layer was disconnected"))
+                    raise
+                except Exception as exc:
+                    self._fail_joins(batch, exc)
+                    continue
+                for _, entry in batch:
+                    entry.ready.set()
+                for group, entry in batch:
+                    if not entry.members:  # all left while subscribing
+                        await self._unsubscribe_if_empty(group, entry)
+
+    async def _subscribe_batch(self, batch: list[tuple[str, _Group]]) -> None:
+        assert self._lock is not None
+        groups = [group for group, _ in batch]
+        await self._wait_healthy()
+        async with self._lock:
+            backend = self._backend
+            if backend is None:
+                raise BackendUnavailable("the groups backend is reconnecting")
+            subscribe_many = getattr(backend, "subscribe_many", None)
+            if subscribe_many is not None:
+                await subscribe_many(groups)
+            else:
+                for group in groups:
+                    await backend.subscribe(group)
+            if keeps_history(backend):
+                # Where a catch-up after a reconnect starts: nothing older than now.
+                last_ids = getattr(backend, "last_ids", None)
+                if last_ids is not None:
+                    baselines = await last_ids(groups)
+                else:
+                    baselines = [await backend.last_id(group) for group in groups]
+                for (_, entry), baseline in zip(batch, baselines, strict=True):
+                    if baseline is not None and entry.is_new(baseline):
+                        entry.last_id = baseline
+
+    def _fail_joins(self, batch: list[tuple[str, _Group]], error: BaseException) -> None:
+        for group, entry in batch:
+            entry.error = error
+            if self._groups.get(group) is entry:
+                del self._groups[group]
+            entry.ready.set()
 
     async def leave(self, group: str, member: Member) -> None:
         entry = self._groups.get(group)
@@ -518,6 +607,8 @@ class GroupLayer:
                 assert backend is not None
                 history = backend if keeps_history(backend) else None
                 for group, entry in list(self._groups.items()):
+                    if not entry.ready.is_set():
+                        continue  # still queued: the subscriber subscribes it on this connection
                     if history is None:
                         await backend.subscribe(group)
                         continue

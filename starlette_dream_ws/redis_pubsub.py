@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from broadcaster import Event
@@ -112,22 +113,31 @@ class RedisPubSubBackend(BroadcastBackend):
             await self._client.aclose()
 
     async def subscribe(self, channel: str) -> None:
-        await self._confirmed("subscribe", channel, self._pubsub.subscribe)
+        await self.subscribe_many([channel])
+
+    async def subscribe_many(self, channels: Sequence[str]) -> None:
+        """Subscribe to every channel with one command; returns once Redis has confirmed each."""
+        await self._confirmed("subscribe", channels, self._pubsub.subscribe)
 
     async def unsubscribe(self, channel: str) -> None:
-        await self._confirmed("unsubscribe", channel, self._pubsub.unsubscribe)
+        await self._confirmed("unsubscribe", [channel], self._pubsub.unsubscribe)
 
-    async def _confirmed(self, kind: str, channel: str, command: Any) -> None:
+    async def _confirmed(self, kind: str, channels: Sequence[str], command: Any) -> None:
         # Redis answers on the pub/sub connection, which `next_published` reads; wait for it there,
         # so that a publish made after we return is sure to reach us.
-        future = asyncio.get_running_loop().create_future()
-        self._pending[(kind, channel)] = future
+        loop = asyncio.get_running_loop()
+        futures = []
+        for channel in channels:
+            future = self._pending[(kind, channel)] = loop.create_future()
+            futures.append(future)
         try:
-            await command(channel)
+            await command(*channels)
             async with asyncio.timeout(CONFIRM_TIMEOUT):
-                await future
+                for future in futures:
+                    await future
         finally:
-            self._pending.pop((kind, channel), None)
+            for channel in channels:
+                self._pending.pop((kind, channel), None)
 
     async def publish(self, channel: str, message: Any) -> None:
         if self._writer is None or self._writer.done():
@@ -226,9 +236,16 @@ class RedisPubSubBackend(BroadcastBackend):
 
     async def last_id(self, channel: str) -> str | None:
         """The id of the newest message of `channel`, if any is kept."""
+        return (await self.last_ids([channel]))[0]
+
+    async def last_ids(self, channels: Sequence[str]) -> list[str | None]:
+        """`last_id` of each channel, in one round trip."""
         assert self._client is not None
-        entries = await self._client.xrevrange(HISTORY_PREFIX + channel, count=1)
-        return _text(entries[0][0]) if entries else None
+        async with self._client.pipeline(transaction=False) as pipe:
+            for channel in channels:
+                pipe.xrevrange(HISTORY_PREFIX + channel, count=1)
+            results = await pipe.execute()
+        return [_text(entries[0][0]) if entries else None for entries in results]
 
     async def latest(self, channel: str) -> str | None:
         """The newest message of `channel` (its latest state), if any is kept."""

@@ -129,3 +129,17 @@ def _publish_sha() -> str:
     from starlette_dream_ws import redis_pubsub
 
     return redis_pubsub._PUBLISH_SHA
+
+
+async def test_many_new_groups_joined_at_once_each_get_their_own_updates(
+    layers: tuple[GroupLayer, GroupLayer],
+) -> None:
+    publisher, listener = layers
+    groups = [f"new{g}" for g in range(300)]
+    inboxes = {group: Inbox() for group in groups}
+    # One SUBSCRIBE and one pipeline of baseline reads for the lot (`subscribe_many`, `last_ids`).
+    await asyncio.gather(*(listener.join(group, inboxes[group]) for group in groups))
+    await asyncio.gather(*(publisher.publish(group, {"type": "update", "group": group, "n": 0}) for group in groups))
+    for group in groups:
+        await inboxes[group].wait_for(1)
+        assert inboxes[group].seen == {group: [0]}

@@ -89,6 +89,9 @@ class Hub:
         self.publish_attempts = 0
         self.raised: list[Exception] = []
         self.subscribes: list[str] = []
+        #: Channels of each `subscribe_many` call (backends that batch), and what it raises.
+        self.batches: list[list[str]] = []
+        self.subscribe_error: Exception | None = None
         self.unsubscribes: list[str] = []
         #: While set, connects and subscribes wait for these gates (to make calls overlap).
         self.connect_gate: asyncio.Event | None = None
@@ -311,6 +314,97 @@ async def test_leaving_while_the_subscription_is_being_made_unsubscribes_after_i
         await asyncio.wait_for(join, TIMEOUT)
         assert hub.unsubscribes == ["g"]
         assert layer.local_members("g") == 0
+    finally:
+        await layer.disconnect()
+
+
+class BatchingBackend(FakeBackend):
+    """A fake broker connection that, like the Redis backend, subscribes many channels at once."""
+
+    async def subscribe_many(self, channels: list[str]) -> None:
+        hub = self.hub
+        hub.batches.append(list(channels))
+        await hub.changed()
+        if hub.subscribe_gate is not None:
+            await hub.subscribe_gate.wait()
+        if hub.subscribe_error is not None:
+            raise hub.subscribe_error
+        self.channels.update(channels)
+
+
+def batching_layer() -> tuple[GroupLayer, Hub]:
+    hub = Hub()
+
+    def factory(url: str) -> BroadcastBackend:
+        backend = BatchingBackend(hub)
+        hub.backends.append(backend)
+        return backend
+
+    return GroupLayer(fast_settings(), backend_factory=factory), hub
+
+
+async def test_new_groups_joined_at_once_are_subscribed_in_batches() -> None:
+    layer, hub = batching_layer()
+    await layer.connect()
+    groups = [f"dream_images_{n}" for n in range(500)]
+    members = {group: Recorder(group) for group in groups}
+    hub.subscribe_gate = asyncio.Event()
+    try:
+        # Joins made in one pass of the loop go in one batch; those made while it is under way
+        # wait, and go together in the next.
+        joins = [asyncio.ensure_future(layer.join(group, members[group])) for group in groups[:300]]
+        await hub.until(lambda: len(hub.batches) == 1)
+        joins += [asyncio.ensure_future(layer.join(group, members[group])) for group in groups[300:]]
+        await asyncio.sleep(0)  # one pass of the loop: the new joins queue up
+        assert not any(join.done() for join in joins)
+        hub.subscribe_gate.set()
+        await asyncio.wait_for(asyncio.gather(*joins), TIMEOUT)
+        assert [len(batch) for batch in hub.batches] == [300, 200]
+        assert sorted(group for batch in hub.batches for group in batch) == sorted(groups)
+        assert hub.subscribes == []  # no channel subscribed on its own
+        for group in groups:
+            await layer.publish(group, {"type": "image_update", "group": group})
+        for group in groups:
+            assert await members[group].received() == [{"type": "image_update", "group": group}]
+    finally:
+        await layer.disconnect()
+
+
+async def test_a_failed_batch_fails_each_of_its_joins_and_a_later_join_works() -> None:
+    layer, hub = batching_layer()
+    await layer.connect()
+    hub.subscribe_error = ConnectionResetError("fake subscribe failure")
+    try:
+        outcomes = await asyncio.gather(*(layer.join(f"g{n}", Recorder()) for n in range(5)), return_exceptions=True)
+        assert all(isinstance(outcome, BackendUnavailable) for outcome in outcomes), outcomes
+        assert all(layer.local_members(f"g{n}") == 0 for n in range(5))
+        hub.subscribe_error = None
+        member = Recorder()
+        await layer.join("g0", member)
+        await layer.publish("g0", {"type": "image_update"})
+        assert await member.received() == [{"type": "image_update"}]
+    finally:
+        await layer.disconnect()
+
+
+async def test_a_joiner_that_gives_up_before_its_batch_leaves_no_subscription() -> None:
+    layer, hub = batching_layer()
+    await layer.connect()
+    hub.subscribe_gate = asyncio.Event()
+    try:
+        first = asyncio.ensure_future(layer.join("a", Recorder()))
+        await hub.until(lambda: len(hub.batches) == 1)
+        gives_up = asyncio.ensure_future(layer.join("b", Recorder()))
+        stays = asyncio.ensure_future(layer.join("c", Recorder()))
+        await asyncio.sleep(0)  # one pass of the loop: both joins run up to their wait
+        assert layer.local_members("b") == 1 and layer.local_members("c") == 1
+        gives_up.cancel()
+        hub.subscribe_gate.set()
+        await asyncio.wait_for(asyncio.gather(first, stays), TIMEOUT)
+        assert gives_up.cancelled()
+        assert hub.batches == [["a"], ["c"]]
+        assert layer.local_members("b") == 0
+        assert all("b" not in backend.channels for backend in hub.backends)
     finally:
         await layer.disconnect()
 
@@ -633,7 +727,7 @@ async def test_disconnect_leaves_no_task_and_the_layer_can_connect_again(kind: s
     member = Recorder()
     await layer.join("g", member)
     assert layer.connected and layer.healthy
-    assert len(asyncio.all_tasks() - before) == 1  # the reader
+    assert len(asyncio.all_tasks() - before) == 2  # the reader and the subscriber of new groups
     await layer.disconnect()
     assert asyncio.all_tasks() == before
     assert not layer.connected and not layer.healthy

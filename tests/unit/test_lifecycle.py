@@ -27,8 +27,8 @@ def _library_tasks() -> set[asyncio.Task[object]]:
 async def test_200_connect_disconnect_cycles_leave_no_task(make_app: MakeApp) -> None:
     app = make_app(heartbeat_interval=0.05, heartbeat_timeout=5)
     async with ConsumerTestClient(app) as client:
-        baseline = _library_tasks()  # the layer's one reader
-        assert len(baseline) == 1
+        baseline = _library_tasks()  # the layer's reader and its subscriber of new groups
+        assert len(baseline) == 2
         for cycle in range(200):
             async with client.connect(f"/dreams/{cycle % 7 + 1}") as ws:
                 await ws.receive_json()
