@@ -145,8 +145,9 @@ def _position(event_id: str) -> tuple[int, int]:
 MAX_BACKLOG = 10_000
 
 
-#: Most new groups subscribed with one command.
+#: Most groups subscribed (or unsubscribed) with one command.
 MAX_SUBSCRIBE_BATCH = 500
+SUBSCRIBE, UNSUBSCRIBE = "subscribe", "unsubscribe"
 
 
 class _Group:
@@ -181,8 +182,8 @@ class GroupLayer:
         self._groups: dict[str, _Group] = {}
         self._reader: asyncio.Task[None] | None = None
         self._resubscriber: asyncio.Task[None] | None = None
-        #: New groups waiting to be subscribed, and the task that subscribes them in batches.
-        self._to_subscribe: list[tuple[str, _Group]] = []
+        #: Subscriptions to make or undo, in order, and the task that makes them in batches.
+        self._changes: list[tuple[str, str, _Group]] = []
         self._subscriber: asyncio.Task[None] | None = None
         self._subscribe_wanted: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
@@ -247,7 +248,7 @@ class GroupLayer:
         self._reader = None
         self._resubscriber = None
         self._subscriber = None
-        self._to_subscribe = []
+        self._changes = []
         self._subscribe_wanted = asyncio.Event()
         self._groups = {}
         self._lock = asyncio.Lock()
@@ -261,8 +262,9 @@ class GroupLayer:
         subscriber, self._subscriber = self._subscriber, None
         if subscriber is not None:
             await cancel_and_wait(subscriber)
-        self._fail_joins(self._to_subscribe, BackendUnavailable("the groups layer was disconnected"))
-        self._to_subscribe = []
+        joins = [(group, entry) for kind, group, entry in self._changes if kind == SUBSCRIBE]
+        self._fail_joins(joins, BackendUnavailable("the groups layer was disconnected"))
+        self._changes = []
         self._groups.clear()
         if self._healthy is not None:
             self._healthy.clear()
@@ -293,10 +295,7 @@ class GroupLayer:
             # New groups are subscribed in batches by one task: a burst of connections to
             # different groups costs a few round trips to the backend, not two each.
             entry = self._groups[group] = _Group()
-            self._to_subscribe.append((group, entry))
-            assert self._subscribe_wanted is not None and self.loop is not None
-            self._subscribe_wanted.set()
-            self._start_subscriber()
+            self._change(SUBSCRIBE, group, entry)
         entry.members.add(member)
         if entry.ready.is_set() and entry.error is None:
             return
@@ -311,7 +310,13 @@ class GroupLayer:
             raise BackendUnavailable(f"cannot subscribe to {group}: {type(entry.error).__name__}") from entry.error
         if member not in entry.members:
             # Left while subscribing.
-            await self._unsubscribe_if_empty(group, entry)
+            self._unsubscribe_if_empty(group, entry)
+
+    def _change(self, kind: str, group: str, entry: _Group) -> None:
+        self._changes.append((kind, group, entry))
+        assert self._subscribe_wanted is not None
+        self._subscribe_wanted.set()
+        self._start_subscriber()
 
     def _start_subscriber(self) -> None:
         if self._subscriber is None or self._subscriber.done():
@@ -319,38 +324,67 @@ class GroupLayer:
             self._subscriber = self.loop.create_task(self._subscribe_queued(), name="dream-ws layer subscriber")
 
     async def _subscribe_queued(self) -> None:
-        """Subscribe the queued new groups, a batch at a time, until cancelled."""
-        assert self._subscribe_wanted is not None and self._lock is not None
+        """Make the queued changes of subscriptions, in order, a batch at a time, until cancelled.
+
+        One task does them all, in the order they were asked for: a group left and joined
+        again is unsubscribed, then subscribed, whatever the timing.
+        """
+        assert self._subscribe_wanted is not None
         while True:
             await self._subscribe_wanted.wait()
             self._subscribe_wanted.clear()
-            while self._to_subscribe:
-                taken = self._to_subscribe[:MAX_SUBSCRIBE_BATCH]
-                del self._to_subscribe[:MAX_SUBSCRIBE_BATCH]
-                batch = []
-                for group, entry in taken:
-                    if self._groups.get(group) is not entry:
-                        continue
-                    if not entry.members:  # all left before their turn: no subscription
-                        del self._groups[group]
-                        entry.ready.set()
-                        continue
-                    batch.append((group, entry))
-                if not batch:
-                    continue
-                try:
-                    await self._subscribe_batch(batch)
-                except asyncio.CancelledError:
-                    self._fail_joins(batch, BackendUnavailable("the groups layer was disconnected"))
-                    raise
-                except Exception as exc:
-                    self._fail_joins(batch, exc)
-                    continue
-                for _, entry in batch:
-                    entry.ready.set()
-                for group, entry in batch:
-                    if not entry.members:  # all left while subscribing
-                        await self._unsubscribe_if_empty(group, entry)
+            while self._changes:
+                kind = self._changes[0][0]
+                count = 1
+                while count < min(len(self._changes), MAX_SUBSCRIBE_BATCH) and self._changes[count][0] == kind:
+                    count += 1
+                taken = [(group, entry) for _, group, entry in self._changes[:count]]
+                del self._changes[:count]
+                if kind == SUBSCRIBE:
+                    await self._subscribe_joins(taken)
+                else:
+                    await self._unsubscribe_batch([group for group, _ in taken])
+
+    async def _subscribe_joins(self, taken: list[tuple[str, _Group]]) -> None:
+        batch = []
+        for group, entry in taken:
+            if self._groups.get(group) is not entry:
+                continue
+            if not entry.members:  # all left before their turn: no subscription
+                del self._groups[group]
+                entry.ready.set()
+                continue
+            batch.append((group, entry))
+        if not batch:
+            return
+        try:
+            await self._subscribe_batch(batch)
+        except asyncio.CancelledError:
+            self._fail_joins(batch, BackendUnavailable("the groups layer was disconnected"))
+            raise
+        except Exception as exc:
+            self._fail_joins(batch, exc)
+            return
+        for group, entry in batch:
+            entry.ready.set()
+            if not entry.members:  # all left while subscribing
+                self._unsubscribe_if_empty(group, entry)
+
+    async def _unsubscribe_batch(self, groups: list[str]) -> None:
+        assert self._lock is not None
+        async with self._lock:
+            backend = self._backend
+            if backend is None or not self.healthy:
+                return  # the reconnect subscribes only the groups that have members
+            try:
+                unsubscribe_many = getattr(backend, "unsubscribe_many", None)
+                if unsubscribe_many is not None:
+                    await unsubscribe_many(groups)
+                else:
+                    for group in groups:
+                        await backend.unsubscribe(group)
+            except Exception as exc:
+                logger.warning("unsubscribing from %d groups failed: %s", len(groups), type(exc).__name__)
 
     async def _subscribe_batch(self, batch: list[tuple[str, _Group]]) -> None:
         assert self._lock is not None
@@ -390,22 +424,14 @@ class GroupLayer:
             return
         entry.members.discard(member)
         if entry.ready.is_set():
-            await self._unsubscribe_if_empty(group, entry)
+            self._unsubscribe_if_empty(group, entry)
 
-    async def _unsubscribe_if_empty(self, group: str, entry: _Group) -> None:
+    def _unsubscribe_if_empty(self, group: str, entry: _Group) -> None:
         if entry.members or self._groups.get(group) is not entry:
             return
         del self._groups[group]
-        if not self.healthy:
-            return  # the reconnect will not subscribe it again
-        assert self._lock is not None
-        async with self._lock:
-            if group in self._groups or self._backend is None:
-                return  # somebody joined again meanwhile and subscribed anew
-            try:
-                await self._backend.unsubscribe(group)
-            except Exception as exc:
-                logger.warning("unsubscribe from %s failed: %s", group, type(exc).__name__)
+        if self.healthy:  # else the reconnect will not subscribe it again
+            self._change(UNSUBSCRIBE, group, entry)
 
     def _fan_out(self, group: str, event: dict[str, Any]) -> None:
         entry = self._groups.get(group)

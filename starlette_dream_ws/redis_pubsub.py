@@ -120,7 +120,10 @@ class RedisPubSubBackend(BroadcastBackend):
         await self._confirmed("subscribe", channels, self._pubsub.subscribe)
 
     async def unsubscribe(self, channel: str) -> None:
-        await self._confirmed("unsubscribe", [channel], self._pubsub.unsubscribe)
+        await self.unsubscribe_many([channel])
+
+    async def unsubscribe_many(self, channels: Sequence[str]) -> None:
+        await self._confirmed("unsubscribe", channels, self._pubsub.unsubscribe)
 
     async def _confirmed(self, kind: str, channels: Sequence[str], command: Any) -> None:
         # Redis answers on the pub/sub connection, which `next_published` reads; wait for it there,

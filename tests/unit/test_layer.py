@@ -91,6 +91,7 @@ class Hub:
         self.subscribes: list[str] = []
         #: Channels of each `subscribe_many` call (backends that batch), and what it raises.
         self.batches: list[list[str]] = []
+        self.unsubscribe_batches: list[list[str]] = []
         self.subscribe_error: Exception | None = None
         self.unsubscribes: list[str] = []
         #: While set, connects and subscribes wait for these gates (to make calls overlap).
@@ -195,6 +196,7 @@ class CountingMemoryBackend(MemoryBackend):
     async def unsubscribe(self, channel: str) -> None:
         self.hub.unsubscribes.append(channel)
         await super().unsubscribe(channel)
+        await self.hub.changed()
 
 
 def make_layer(kind: str, hub: Hub, **settings: Any) -> GroupLayer:
@@ -286,7 +288,8 @@ async def test_two_hundred_concurrent_joiners_all_receive_and_share_one_subscrip
 
         await asyncio.gather(*(layer.leave("dream_images_1", m) for m in members))
         assert layer.local_members("dream_images_1") == 0
-        assert hub.unsubscribes == ["dream_images_1"]
+        # Undone by the layer's subscriber task, in the order subscriptions were asked for.
+        await hub.until(lambda: hub.unsubscribes == ["dream_images_1"])
 
         # Join again after everyone left: a fresh subscription that works.
         again = Recorder("again")
@@ -312,7 +315,7 @@ async def test_leaving_while_the_subscription_is_being_made_unsubscribes_after_i
         assert hub.unsubscribes == []  # not before the subscription it would undo
         hub.subscribe_gate.set()
         await asyncio.wait_for(join, TIMEOUT)
-        assert hub.unsubscribes == ["g"]
+        await hub.until(lambda: hub.unsubscribes == ["g"])
         assert layer.local_members("g") == 0
     finally:
         await layer.disconnect()
@@ -330,6 +333,11 @@ class BatchingBackend(FakeBackend):
         if hub.subscribe_error is not None:
             raise hub.subscribe_error
         self.channels.update(channels)
+
+    async def unsubscribe_many(self, channels: list[str]) -> None:
+        self.hub.unsubscribe_batches.append(list(channels))
+        self.channels.difference_update(channels)
+        await self.hub.changed()
 
 
 def batching_layer() -> tuple[GroupLayer, Hub]:
@@ -418,6 +426,9 @@ async def test_leave_of_unknown_member_or_group_is_harmless(kind: str) -> None:
         await layer.leave("g", Recorder("stranger"))
         await layer.leave("nowhere", member)
         assert layer.local_members("g") == 1
+        # Changes of subscriptions are made in order: once a later join is through, any
+        # unsubscribe asked for above would have been made.
+        await layer.join("h", Recorder())
         assert hub.unsubscribes == []
     finally:
         await layer.disconnect()
@@ -786,5 +797,24 @@ async def test_connect_failure_raises_backend_unavailable_and_a_later_connect_wo
         assert not layer.connected
         await layer.connect()
         assert layer.healthy
+    finally:
+        await layer.disconnect()
+
+
+async def test_groups_left_together_are_unsubscribed_in_one_batch_and_a_rejoin_subscribes_again() -> None:
+    layer, hub = batching_layer()
+    await layer.connect()
+    members = {f"g{n}": Recorder(f"g{n}") for n in range(50)}
+    try:
+        await asyncio.gather(*(layer.join(group, member) for group, member in members.items()))
+        await asyncio.gather(*(layer.leave(group, member) for group, member in members.items()))
+        # Left and joined again before the unsubscribe is made: undone, then made again, in order.
+        again = Recorder("again")
+        await layer.join("g0", again)
+        assert hub.unsubscribe_batches == [sorted(members, key=lambda g: int(g[1:]))]
+        assert [len(batch) for batch in hub.batches] == [50, 1]
+        await layer.publish("g0", {"type": "image_update"})
+        assert await again.received() == [{"type": "image_update"}]
+        assert all(layer.local_members(group) == 0 for group in members if group != "g0")
     finally:
         await layer.disconnect()
