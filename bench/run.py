@@ -189,6 +189,16 @@ class Server:
     def rss_kib(self) -> int:
         return proc_rss_kib(self.process.pid)
 
+    async def settle(self, timeout: float = 30.0) -> None:
+        """Until the server is at rest (under a tenth of a core over half a second): what one
+        scenario left to do (closing thousands of connections) must not weigh on the next."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            before = self.cpu_seconds()
+            await asyncio.sleep(0.5)  # measuring: a window of CPU time
+            if self.cpu_seconds() - before < 0.05:
+                return
+
     def redis_cpu_seconds(self) -> float:
         process = self.redis._process
         return proc_cpu_seconds(process.pid) if process is not None else 0.0
@@ -437,6 +447,7 @@ async def run(stacks: list[str], scenarios: list[str], sizes: Sizes) -> list[dic
                 server = Server(stack, redis, Path(tmp))
                 try:
                     for name in scenarios:
+                        await server.settle()
                         started = time.monotonic()
                         figures = await RUNNERS[name](server, redis.url, sizes)
                         result = {"scenario": name, "stack": stack, **figures}
