@@ -194,8 +194,8 @@ class Consumer:
         self._close_sent = False
         self._closed = False
         self._accepted_subprotocol: str | None = None
-        #: Events waiting to be sent, oldest first (a list, made when first needed: most hold
-        #: one event, and a deque costs over 600 bytes however few it holds).
+        #: Events waiting to be sent after `_next_event`, oldest first (a list, made only when
+        #: more than one waits: a deque costs over 600 bytes however few it holds).
         self._events: list[dict[str, Any]] | None = None
         #: The oldest waiting event when it is the only one (no list is made for one).
         self._next_event: dict[str, Any] | None = None
