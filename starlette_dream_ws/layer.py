@@ -377,12 +377,7 @@ class GroupLayer:
             if backend is None or not self.healthy:
                 return  # the reconnect subscribes only the groups that have members
             try:
-                unsubscribe_many = getattr(backend, "unsubscribe_many", None)
-                if unsubscribe_many is not None:
-                    await unsubscribe_many(groups)
-                else:
-                    for group in groups:
-                        await backend.unsubscribe(group)
+                await _in_one_go(backend, "unsubscribe", groups)
             except Exception as exc:
                 logger.warning("unsubscribing from %d groups failed: %s", len(groups), type(exc).__name__)
 
@@ -394,12 +389,7 @@ class GroupLayer:
             backend = self._backend
             if backend is None:
                 raise BackendUnavailable("the groups backend is reconnecting")
-            subscribe_many = getattr(backend, "subscribe_many", None)
-            if subscribe_many is not None:
-                await subscribe_many(groups)
-            else:
-                for group in groups:
-                    await backend.subscribe(group)
+            await _in_one_go(backend, "subscribe", groups)
             if keeps_history(backend):
                 # Where a catch-up after a reconnect starts: nothing older than now.
                 last_ids = getattr(backend, "last_ids", None)
@@ -659,6 +649,18 @@ class GroupLayer:
             len(self._groups),
             caught_up,
         )
+
+
+async def _in_one_go(backend: BroadcastBackend, operation: str, channels: list[str]) -> None:
+    """`backend.subscribe_many(channels)` (or `unsubscribe_many`) where the backend batches
+    them, as ours for Redis does; else the operation for each channel in turn."""
+    many = getattr(backend, operation + "_many", None)
+    if many is not None:
+        await many(channels)
+        return
+    one = getattr(backend, operation)
+    for channel in channels:
+        await one(channel)
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:
