@@ -622,22 +622,25 @@ class GroupLayer:
                 backend = self._backend
                 assert backend is not None
                 history = backend if keeps_history(backend) else None
-                for group, entry in list(self._groups.items()):
-                    if not entry.ready.is_set():
-                        continue  # still queued: the subscriber subscribes it on this connection
+                # Groups still queued are left to the subscriber, which makes them on this connection.
+                groups = [(group, entry) for group, entry in self._groups.items() if entry.ready.is_set()]
+                for start in range(0, len(groups), MAX_SUBSCRIBE_BATCH):
+                    batch = groups[start : start + MAX_SUBSCRIBE_BATCH]
+                    if history is not None:
+                        for _, entry in batch:
+                            # Hold live events while the missed ones are read, so that order is kept.
+                            entry.backlog = []
+                    await _in_one_go(backend, "subscribe", [group for group, _ in batch])
                     if history is None:
-                        await backend.subscribe(group)
                         continue
-                    # Hold live events while the missed ones are read, so that order is kept.
-                    entry.backlog = []
-                    await backend.subscribe(group)
-                    missed = await history.history(group, entry.last_id)
-                    backlog, entry.backlog = entry.backlog, None
-                    for event in [*missed, *backlog]:
-                        if self._groups.get(group) is entry:
-                            before = entry.last_id
-                            self._receive(event)
-                            caught_up += entry.last_id != before
+                    for group, entry in batch:
+                        missed = await history.history(group, entry.last_id)
+                        backlog, entry.backlog = entry.backlog, None
+                        for event in [*missed, *(backlog or ())]:
+                            if self._groups.get(group) is entry:
+                                before = entry.last_id
+                                self._receive(event)
+                                caught_up += entry.last_id != before
         except Exception as exc:
             # The reader sees the same failure on the connection and reconnects again.
             logger.warning("subscribing again failed (%s)", type(exc).__name__)

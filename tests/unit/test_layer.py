@@ -818,3 +818,23 @@ async def test_groups_left_together_are_unsubscribed_in_one_batch_and_a_rejoin_s
         assert all(layer.local_members(group) == 0 for group in members if group != "g0")
     finally:
         await layer.disconnect()
+
+
+async def test_after_a_reconnect_the_groups_are_subscribed_again_in_one_batch() -> None:
+    layer, hub = batching_layer()
+    members = {f"g{n}": Recorder(f"g{n}") for n in range(20)}
+    try:
+        await asyncio.gather(*(layer.join(group, member) for group, member in members.items()))
+        first = hub.backends[0]
+        first.lose_connection()
+        await hub.until(lambda: len(hub.backends) == 2 and len(hub.batches) >= 2)
+        assert sorted(hub.batches[-1]) == sorted(members)
+        assert hub.subscribes == []
+        await asyncio.wait_for(layer.join("late", Recorder()), TIMEOUT)  # healthy again
+        assert layer.reconnects == 1
+        for group in members:
+            await layer.publish(group, {"type": "after", "group": group})
+        for group, member in members.items():
+            assert await member.received() == [{"type": "after", "group": group}]
+    finally:
+        await layer.disconnect()
