@@ -639,7 +639,8 @@ class Consumer:
             logger.exception("disconnect hook failed")
 
     def _headers(self) -> Headers:
-        # Read in place: `self.connection.headers` would keep a copy of the list in the scope.
+        # A copy that lives as long as the call: `self.connection.headers` would store its copy in
+        # the scope, for as long as the connection is open.
         return Headers(raw=list(self.scope.get("headers") or ()))
 
     def _offered_subprotocols(self) -> list[str]:

@@ -102,8 +102,7 @@ class RedisPubSubBackend(BroadcastBackend):
             await asyncio.wait({writer})
         lost = BackendConnectionLost("backend disconnected")
         for future in self._pending.values():
-            if not future.done():
-                future.set_exception(lost)
+            _fail(future, lost)
         self._pending.clear()
         while self._outbox:
             _fail(self._outbox.popleft()[2], lost)
