@@ -1,21 +1,47 @@
-"""Real-time dream image status over WebSockets, for any Starlette, FastAPI or ASGI app."""
+"""Real-time dream image status over WebSockets, for any Starlette, FastAPI or ASGI app.
 
-from .app import ConsumerApp, DreamWebSocketApp
-from .auth import (
-    SUBPROTOCOL,
-    TOKEN_SUBPROTOCOL_PREFIX,
-    AuthenticationFailed,
-    Authorizer,
-    User,
-    allow_any_authenticated_user,
-)
-from .consumer import CloseCodes, CloseConnection, Consumer, ConsumerContext
-from .dreams import DreamImagesConsumer, ImageStatus, dream_group, image_update_message
-from .layer import BackendUnavailable, GroupEvent, GroupLayer, PublishError
-from .producers import asend_image_update, close_producers, send_image_update
-from .settings import ConfigurationError, Settings
+Three areas: `protocol` (the wire contract), `groups` (membership, fan-out, backends) and
+`server` (the mountable app and its consumers), plus `producers`. Names are exported lazily,
+so `from starlette_dream_ws import send_image_update` in a Celery worker loads no server code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+#: Each public name and the module that defines it.
+_EXPORTS = {
+    "SUBPROTOCOL": "protocol",
+    "TOKEN_SUBPROTOCOL_PREFIX": "protocol",
+    "CloseCodes": "protocol",
+    "ImageStatus": "protocol",
+    "dream_group": "protocol",
+    "image_update_message": "protocol",
+    "ConfigurationError": "settings",
+    "Settings": "settings",
+    "BackendUnavailable": "groups",
+    "GroupEvent": "groups",
+    "GroupLayer": "groups",
+    "PublishError": "groups",
+    "asend_image_update": "producers",
+    "aclose_producers": "producers",
+    "close_producers": "producers",
+    "send_image_update": "producers",
+    "AuthenticationFailed": "server.auth",
+    "Authorizer": "server.auth",
+    "User": "server.auth",
+    "allow_any_authenticated_user": "server.auth",
+    "CloseConnection": "server.connection",
+    "ConnectionState": "server.connection",
+    "Consumer": "server.consumer",
+    "ConsumerContext": "server.context",
+    "ConsumerApp": "server.app",
+    "DreamImagesConsumer": "server.dreams",
+    "DreamWebSocketApp": "server.dreams",
+}
 
 __all__ = [
     "SUBPROTOCOL",
@@ -26,6 +52,7 @@ __all__ = [
     "CloseCodes",
     "CloseConnection",
     "ConfigurationError",
+    "ConnectionState",
     "Consumer",
     "ConsumerApp",
     "ConsumerContext",
@@ -37,6 +64,7 @@ __all__ = [
     "PublishError",
     "Settings",
     "User",
+    "aclose_producers",
     "allow_any_authenticated_user",
     "asend_image_update",
     "close_producers",
@@ -44,3 +72,36 @@ __all__ = [
     "image_update_message",
     "send_image_update",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # found once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:
+    from .groups import BackendUnavailable, GroupEvent, GroupLayer, PublishError
+    from .producers import aclose_producers, asend_image_update, close_producers, send_image_update
+    from .protocol import (
+        SUBPROTOCOL,
+        TOKEN_SUBPROTOCOL_PREFIX,
+        CloseCodes,
+        ImageStatus,
+        dream_group,
+        image_update_message,
+    )
+    from .server.app import ConsumerApp
+    from .server.auth import AuthenticationFailed, Authorizer, User, allow_any_authenticated_user
+    from .server.connection import CloseConnection, ConnectionState
+    from .server.consumer import Consumer
+    from .server.context import ConsumerContext
+    from .server.dreams import DreamImagesConsumer, DreamWebSocketApp
+    from .settings import ConfigurationError, Settings

@@ -1,6 +1,8 @@
 """Publishing updates from any process: the server's own code, threads, Celery workers.
 
-`asend_image_update` publishes on the current loop. `send_image_update` is for sync code:
+Depends on `protocol`, `groups` and `settings` only: a Celery worker that publishes loads no
+server code. `asend_image_update` publishes on the current loop. `send_image_update` is for
+sync code:
 
 * in a thread of a process that serves the app (a sync endpoint, a thread pool), it hands
   the publish to the app's loop, reusing the app's backend connection;
@@ -14,60 +16,39 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import os
 import selectors
 import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
-from .dreams import dream_group, image_update_message
-from .layer import GroupLayer
+from .groups import GroupLayer, shared
+from .groups.backends import is_process_local
+from .protocol import dream_group, image_update_message
 from .settings import Settings
 
 T = TypeVar("T")
 
-# Layers of apps that are connected in this process, by broadcast URL: producers reuse them.
-_app_layers: dict[str, GroupLayer] = {}
 _lock = threading.Lock()
 
 
-def register_app_layer(layer: GroupLayer) -> None:
-    with _lock:
-        _app_layers[layer.settings.broadcast_url] = layer
+def _resolve(settings: Settings | None) -> tuple[Settings, GroupLayer | None]:
+    """The settings a call publishes with, and the layer of an app of this process on them.
 
-
-def unregister_app_layer(layer: GroupLayer) -> None:
-    with _lock:
-        if _app_layers.get(layer.settings.broadcast_url) is layer:
-            del _app_layers[layer.settings.broadcast_url]
-
-
-def _app_layer(settings: Settings | None) -> GroupLayer | None:
-    with _lock:
-        for url, layer in list(_app_layers.items()):
-            if layer.loop is None or layer.loop.is_closed():
-                del _app_layers[url]
-        if settings is None and len(_app_layers) == 1:
-            return next(iter(_app_layers.values()))
-        url = (settings or Settings.from_env()).broadcast_url
-        return _app_layers.get(url)
-
-
-def _resolve(settings: Settings | None) -> Settings | None:
-    """The settings a call publishes with, read from the environment once per call at most.
-
-    None stays None when this process runs exactly one app: its layer is used.
+    Without `settings`, the one app of this process decides (the environment is read only
+    when there is none, once per call).
     """
-    if settings is not None:
-        return settings
-    with _lock:
-        if len(_app_layers) == 1:
-            return None
-    return Settings.from_env()
+    if settings is None:
+        layer = shared.only_layer()
+        if layer is not None:
+            return layer.settings, layer
+        settings = Settings.from_env()
+    return settings, shared.find(settings)
 
 
 def _refuse_lone_memory(settings: Settings) -> None:
-    if settings.broadcast_url.startswith("memory:"):
+    if is_process_local(settings.broadcast_url):
         raise RuntimeError(
             "memory:// only reaches connections served by this process, and no app is running here: "
             "set DREAM_WS_BROADCAST_URL to a redis:// URL shared with the server"
@@ -88,8 +69,8 @@ async def asend_image_update(
     Retries with backoff, then raises `PublishError`; `ValueError` for a bad status.
     """
     update = image_update_message(dream_id, image_urls, status, message)
-    settings = _resolve(settings)
-    await _publish_async(settings, dream_group(dream_id), update)
+    settings, layer = _resolve(settings)
+    await _publish(settings, layer, dream_group(dream_id), update)
 
 
 def send_image_update(
@@ -102,65 +83,83 @@ def send_image_update(
 ) -> None:
     """The sync form of `asend_image_update`, for Celery tasks, threads and scripts."""
     update = image_update_message(dream_id, image_urls, status, message)
-    settings = _resolve(settings)
-    _run_sync(settings, _publish_async(settings, dream_group(dream_id), update))
-
-
-async def _publish_async(settings: Settings | None, group: str, message: dict[str, Any]) -> None:
-    layer = _app_layer(settings)
-    loop = asyncio.get_running_loop()
-    if layer is not None and layer.loop is not None and layer.loop is not loop and layer.loop.is_running():
-        future = asyncio.run_coroutine_threadsafe(layer.publish(group, message, remember=True), layer.loop)
-        await asyncio.wrap_future(future)
-        return
-    if layer is None:
-        resolved = settings or Settings.from_env()
-        _refuse_lone_memory(resolved)
-        layer = _loop_layer(resolved, loop)
-    await layer.publish(group, message, remember=True)
-
-
-def _run_sync(settings: Settings | None, coroutine: Coroutine[Any, Any, T]) -> T:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        coroutine.close()
-        raise RuntimeError(
-            "send_image_update() cannot be called from a running event loop's thread: "
-            "it would block the loop. Use 'await asend_image_update(...)' there instead."
-        )
-    layer = _app_layer(settings)
+    _refuse_in_loop_thread()
+    settings, layer = _resolve(settings)
+    coroutine = _publish(settings, layer, dream_group(dream_id), update)
     if layer is not None and layer.loop is not None and layer.loop.is_running():
-        return asyncio.run_coroutine_threadsafe(coroutine, layer.loop).result()
+        asyncio.run_coroutine_threadsafe(coroutine, layer.loop).result()
+        return
     try:
-        _refuse_lone_memory(settings or Settings.from_env())
+        _refuse_lone_memory(settings)
     except RuntimeError:
         coroutine.close()
         raise
-    return _background_loop().run(coroutine)
+    _background_loop().run(coroutine)
+
+
+def _refuse_in_loop_thread() -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        "send_image_update() cannot be called from a running event loop's thread: "
+        "it would block the loop. Use 'await asend_image_update(...)' there instead."
+    )
+
+
+async def _publish(settings: Settings, layer: GroupLayer | None, group: str, message: dict[str, Any]) -> None:
+    loop = asyncio.get_running_loop()
+    if layer is not None and layer.loop is not None and layer.loop is not loop and layer.loop.is_running():
+        future = asyncio.run_coroutine_threadsafe(layer.publish(group, message), layer.loop)
+        await asyncio.wrap_future(future)
+        return
+    if layer is None:
+        _refuse_lone_memory(settings)
+        layer = _loop_layer(settings, loop)
+    await layer.publish(group, message)
 
 
 # -- per-loop layers for producers outside an app ------------------------------------------
 
+#: Publishing layers of this process outside any app, one per event loop and URL: each is
+#: disconnected by `close_producers()` (or `aclose_producers()` on its own loop).
 _loop_layers: dict[tuple[int, str], tuple[asyncio.AbstractEventLoop, GroupLayer]] = {}
 
 
 def _loop_layer(settings: Settings, loop: asyncio.AbstractEventLoop) -> GroupLayer:
     """One publishing layer per loop and URL, so calls share a backend connection."""
-    for key, (known, _) in list(_loop_layers.items()):
-        if known.is_closed():
+    with _lock:
+        for key, (known, _) in list(_loop_layers.items()):
+            if known.is_closed():
+                # The loop's end cancelled the layer's tasks; its sockets go with the objects.
+                del _loop_layers[key]
+        key = (id(loop), settings.broadcast_url)
+        entry = _loop_layers.get(key)
+        if entry is None or entry[0] is not loop:
+            entry = _loop_layers[key] = (loop, GroupLayer(settings))
+        return entry[1]
+
+
+def _take_loop_layers(
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> list[tuple[asyncio.AbstractEventLoop, GroupLayer]]:
+    with _lock:
+        taken = [(key, entry) for key, entry in _loop_layers.items() if loop is None or entry[0] is loop]
+        for key, _ in taken:
             del _loop_layers[key]
-    key = (id(loop), settings.broadcast_url)
-    entry = _loop_layers.get(key)
-    if entry is None or entry[0] is not loop:
-        entry = _loop_layers[key] = (loop, GroupLayer(settings))
-    return entry[1]
+        return [entry for _, entry in taken]
+
+
+async def aclose_producers() -> None:
+    """Disconnect the publishing layers this process opened on the running loop (call it
+    before `asyncio.run(...)` returns, to close their connections cleanly)."""
+    for _, layer in _take_loop_layers(asyncio.get_running_loop()):
+        await layer.disconnect()
 
 
 class _BackgroundLoop:
-    """An event loop in a daemon thread, owning this process's producer connections."""
+    """An event loop in a daemon thread, owning this process's sync producer connections."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
@@ -175,14 +174,8 @@ class _BackgroundLoop:
         return future.result()
 
     def close(self) -> None:
-        async def disconnect_all() -> None:
-            for key, (loop, layer) in list(_loop_layers.items()):
-                if loop is self.loop:
-                    del _loop_layers[key]
-                    await layer.disconnect()
-
         if self.loop.is_running():
-            asyncio.run_coroutine_threadsafe(disconnect_all(), self.loop).result(timeout=5)
+            asyncio.run_coroutine_threadsafe(aclose_producers(), self.loop).result(timeout=5)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
         if not self.loop.is_running():
@@ -203,9 +196,25 @@ def _background_loop() -> _BackgroundLoop:
 
 @atexit.register
 def close_producers() -> None:
-    """Disconnect the producer connections of this process (also run at exit)."""
+    """Disconnect the producer connections of this process (also run at exit).
+
+    Layers on loops still running in other threads are disconnected on their loops; those
+    of loops that have ended are dropped (the loop's end cancelled their tasks).
+    """
     global _background
     with _lock:
         background, _background = _background, None
     if background is not None and background.pid == os.getpid():
         background.close()
+    try:
+        current = asyncio.get_running_loop()
+    except RuntimeError:
+        current = None
+    for loop, layer in _take_loop_layers():
+        if loop is current:
+            # Blocking here would stall the very loop that must do the work.
+            with _lock:
+                _loop_layers[(id(loop), layer.settings.broadcast_url)] = (loop, layer)
+        elif loop.is_running() and not loop.is_closed():
+            with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+                asyncio.run_coroutine_threadsafe(layer.disconnect(), loop).result(timeout=5)

@@ -7,7 +7,6 @@ import math
 import os
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 ENV_PREFIX = "DREAM_WS_"
 
@@ -16,23 +15,6 @@ SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
-
-# Schemes with a groups backend that is tested here against a real server, reconnects after a
-# lost connection and catches up on what it missed (memory is one process: nothing to lose).
-BROADCAST_SCHEMES = frozenset({"memory", "redis", "rediss", "postgres", "postgresql"})
-# broadcaster's other schemes, and why they are refused rather than half-working.
-REFUSED_SCHEMES = {
-    "redis-stream": (
-        "broadcaster's Redis stream backend polls one message per round trip, raises nothing useful "
-        "when Redis goes away and skips what was published meanwhile; use redis://, which keeps a "
-        "stream per group itself"
-    ),
-    "kafka": (
-        "broadcaster's Kafka backend is not tested here (no Kafka server to test against) and neither "
-        "detects a lost connection nor catches up on what was published meanwhile"
-    ),
-}
-STATE_SCHEMES = frozenset({"memory", "redis", "rediss", "postgres", "postgresql"})
 
 
 class ConfigurationError(ValueError):
@@ -47,14 +29,12 @@ class Settings:
     variables, which win over the defaults below.
     """
 
-    #: Groups backend: `memory://` (one process) or `redis://host:6379/0` (many processes).
+    #: Groups backend: `memory://` (one process), `redis://host:6379/0` or `postgresql://...`
+    #: (many processes). The schemes are mapped to backends in `groups/backends/__init__.py`.
     broadcast_url: str = "memory://"
-    #: Where the latest state of each group is kept for `request_status`; defaults to
-    #: `broadcast_url` when that is memory or Redis.
-    state_url: str | None = None
-    #: Seconds the latest state of a dream is kept after its last update.
+    #: Seconds a group's history (and so its latest state) is kept after its last update.
     state_ttl: float = 86400.0
-    #: Recent messages kept per group (Redis, PostgreSQL) to deliver what a reconnecting server missed.
+    #: Recent messages kept per group, delivered to a server that missed them while reconnecting.
     history_size: int = 100
 
     jwt_secret: str | None = None
@@ -103,21 +83,11 @@ class Settings:
     metrics: bool = False
 
     def __post_init__(self) -> None:
-        scheme = urlsplit(self.broadcast_url).scheme
-        if scheme in REFUSED_SCHEMES:
-            raise ConfigurationError(f"broadcast_url scheme {scheme!r} is not supported: {REFUSED_SCHEMES[scheme]}")
-        if scheme not in BROADCAST_SCHEMES:
-            raise ConfigurationError(
-                f"broadcast_url scheme {scheme!r} is not supported; use one of {sorted(BROADCAST_SCHEMES)}"
-            )
-        state_scheme = urlsplit(self.effective_state_url).scheme
-        if state_scheme not in STATE_SCHEMES:
-            raise ConfigurationError(
-                f"the latest-state store needs a memory://, redis:// or postgresql:// URL, got {state_scheme!r}: "
-                "set state_url (DREAM_WS_STATE_URL) to a Redis or PostgreSQL URL"
-            )
-        if (state_scheme == "memory") != (scheme == "memory"):
-            raise ConfigurationError("memory:// works in one process only: use it for both broadcast_url and state_url")
+        from .groups.backends import unsupported  # here: the groups package imports settings
+
+        problem = unsupported(self.broadcast_url)
+        if problem is not None:
+            raise ConfigurationError(problem)
         algorithms = set(self.jwt_algorithms)
         if not algorithms:
             raise ConfigurationError("jwt_algorithms must name at least one algorithm")
@@ -150,12 +120,6 @@ class Settings:
                 raise ConfigurationError(f"{name} must be at least 1")
         if self.publish_retries < 0 or self.max_messages_per_second <= 0:
             raise ConfigurationError("publish_retries must be >= 0 and max_messages_per_second positive")
-
-    @property
-    def effective_state_url(self) -> str:
-        if self.state_url:
-            return self.state_url
-        return self.broadcast_url
 
     @property
     def effective_heartbeat_timeout(self) -> float:

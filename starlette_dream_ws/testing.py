@@ -26,8 +26,8 @@ import jwt
 from httpx_ws import AsyncWebSocketSession, WebSocketDisconnect, aconnect_ws
 from httpx_ws.transport import ASGIWebSocketTransport
 
-from .app import ConsumerApp
-from .auth import SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX
+from .protocol import SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX
+from .server.app import ConsumerApp
 
 TokenTransport = Literal["query", "header", "subprotocol"]
 
@@ -150,6 +150,6 @@ class ConsumerTestClient:
         async with connecting as session:
             yield ClientConnection(session)
 
-    async def publish(self, group: str, event: dict[str, Any], *, remember: bool = False) -> None:
+    async def publish(self, group: str, event: dict[str, Any]) -> None:
         """Publish a group event as a producer would (it must have a string `type`)."""
-        await self.app.layer.publish(group, event, remember=remember)
+        await self.app.layer.publish(group, event)

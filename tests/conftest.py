@@ -3,5 +3,5 @@ import pytest
 
 @pytest.fixture
 def anyio_backend() -> str:
-    # The groups layer and broadcaster are asyncio-only.
+    # The groups layer is asyncio-only.
     return "asyncio"

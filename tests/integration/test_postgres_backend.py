@@ -1,4 +1,4 @@
-"""The PostgreSQL backend and state store against a real server (the session's PostgresServer)."""
+"""The PostgreSQL backend against a real server (the session's PostgresServer)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from starlette_dream_ws.layer import GroupLayer, HistoryBackend
-from starlette_dream_ws.postgres import (
+from starlette_dream_ws.groups import BackendConnectionLost, GroupLayer, Published
+from starlette_dream_ws.groups.backends.postgres import (
     MAX_CHANNEL_BYTES,
     MAX_MESSAGE_BYTES,
     MAX_PAYLOAD_BYTES,
-    BackendConnectionLost,
-    HistoryEvent,
     PayloadTooLarge,
     PostgresBackend,
-    PostgresStateStore,
 )
 from starlette_dream_ws.settings import Settings
 
@@ -65,15 +62,20 @@ async def connected(url: str, table: str | None = None, **options: Any) -> Async
         await backend.disconnect()
 
 
-async def next_event(backend: PostgresBackend) -> HistoryEvent:
+async def next_event(backend: PostgresBackend) -> Published:
     event = await asyncio.wait_for(backend.next_published(), TIMEOUT)
-    assert isinstance(event, HistoryEvent)
+    assert isinstance(event, Published)
     return event
 
 
-def position(event: HistoryEvent) -> int:
-    assert event.id is not None and event.id.isdigit(), event.id
-    return int(event.id)
+def position(event: Published) -> int:
+    assert event.position is not None and len(event.position) == 1, event.position
+    return event.position[0]
+
+
+async def last_id(backend: PostgresBackend, channel: str) -> int | None:
+    (newest,) = await backend.last_positions([channel])
+    return None if newest is None else newest[0]
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = TIMEOUT) -> None:
@@ -99,36 +101,35 @@ async def listener_pid(admin: Any, channel: str) -> int:
 async def test_published_messages_arrive_in_order_and_are_kept_as_history(url: str, scheme: str) -> None:
     url = url.replace("postgresql://", f"{scheme}://", 1)
     async with connected(url) as backend:
-        assert isinstance(backend, HistoryBackend)
         channel = unique("dream_images")
-        await backend.subscribe(channel)
+        await backend.subscribe([channel])
         texts = ['{"type":"image_update","n":1}', '{"type":"image_update","n":2}', "ünïcødé ✓"]
         for text in texts:
             await backend.publish(channel, text)
         received = [await next_event(backend) for _ in texts]
-        assert [(event.channel, event.message) for event in received] == [(channel, text) for text in texts]
+        assert [(event.channel, event.text) for event in received] == [(channel, text) for text in texts]
         ids = [position(event) for event in received]
         assert ids == sorted(set(ids))
 
         assert await backend.latest(channel) == texts[-1]
-        assert await backend.last_id(channel) == str(ids[-1])
-        assert [(e.message, e.id) for e in await backend.history(channel, None)] == [
-            (e.message, e.id) for e in received
+        assert await last_id(backend, channel) == ids[-1]
+        assert [(e.text, e.position) for e in await backend.history(channel, None)] == [
+            (e.text, e.position) for e in received
         ]
-        assert [e.message for e in await backend.history(channel, str(ids[0]))] == texts[1:]
-        assert await backend.history(channel, str(ids[-1])) == []
-        assert await backend.latest(unique("nobody")) is None and await backend.last_id(unique("nobody")) is None
+        assert [e.text for e in await backend.history(channel, (ids[0],))] == texts[1:]
+        assert await backend.history(channel, (ids[-1],)) == []
+        assert await backend.latest(unique("nobody")) is None and await last_id(backend, unique("nobody")) is None
 
 
 async def test_a_message_from_another_process_reaches_every_listener(url: str) -> None:
     async with connected(url) as first, connected(url) as second:
         channel = unique("dream_images")
-        await first.subscribe(channel)
-        await second.subscribe(channel)
+        await first.subscribe([channel])
+        await second.subscribe([channel])
         async with connected(url) as publisher:
             await publisher.publish(channel, "hello")
-        assert (await next_event(first)).message == "hello"
-        assert (await next_event(second)).message == "hello"
+        assert (await next_event(first)).text == "hello"
+        assert (await next_event(second)).text == "hello"
 
 
 async def test_channel_names_are_quoted_and_matched_exactly(url: str) -> None:
@@ -136,14 +137,14 @@ async def test_channel_names_are_quoted_and_matched_exactly(url: str) -> None:
         base = unique("Dream")
         channels = [base, base.lower(), f'{base} "quoted"; DROP', base + "x" * (MAX_CHANNEL_BYTES - len(base))]
         for channel in channels:
-            await backend.subscribe(channel)
+            await backend.subscribe([channel])
         for channel in channels:
             await backend.publish(channel, f"to {channel}")
-        received = {(event.channel, event.message) for event in [await next_event(backend) for _ in channels]}
+        received = {(event.channel, event.text) for event in [await next_event(backend) for _ in channels]}
         assert received == {(channel, f"to {channel}") for channel in channels}
         for bad in ("", "x" * (MAX_CHANNEL_BYTES + 1), "é" * 32, "nul\x00"):
             with pytest.raises(ValueError, match="channel name"):
-                await backend.subscribe(bad)
+                await backend.subscribe([bad])
             with pytest.raises(ValueError, match="channel name"):
                 await backend.publish(bad, "x")
 
@@ -151,31 +152,31 @@ async def test_channel_names_are_quoted_and_matched_exactly(url: str) -> None:
 async def test_unsubscribe_stops_delivery_of_that_channel_only(url: str) -> None:
     async with connected(url) as backend:
         left, stays = unique("left"), unique("stays")
-        await backend.subscribe(left)
-        await backend.subscribe(stays)
-        await backend.unsubscribe(left)
+        await backend.subscribe([left])
+        await backend.subscribe([stays])
+        await backend.unsubscribe([left])
         await backend.publish(left, "not for us")
         await backend.publish(stays, "for us")
         event = await next_event(backend)
-        assert (event.channel, event.message) == (stays, "for us")
-        await backend.unsubscribe(left)  # twice is harmless
+        assert (event.channel, event.text) == (stays, "for us")
+        await backend.unsubscribe([left])  # twice is harmless
 
 
 async def test_concurrent_publishes_and_subscribes_share_no_connection_and_keep_order(url: str) -> None:
     """broadcaster's backend runs them all on one asyncpg connection, which refuses that."""
     async with connected(url) as backend, connected(url) as publisher:
         channel = unique("busy")
-        await backend.subscribe(channel)
+        await backend.subscribe([channel])
         others = [unique("other") for _ in range(10)]
         await asyncio.gather(
-            *(publisher.publish(channel, str(n)) for n in range(50)), *(backend.subscribe(o) for o in others)
+            *(publisher.publish(channel, str(n)) for n in range(50)), *(backend.subscribe([o]) for o in others)
         )
         received = [await next_event(backend) for _ in range(50)]
-        assert sorted(int(event.message) for event in received) == list(range(50))
+        assert sorted(int(event.text) for event in received) == list(range(50))
         # Concurrent publishers of one group take turns: ids grow in the order NOTIFY delivers.
         ids = [position(event) for event in received]
         assert ids == sorted(ids)
-        assert [e.id for e in await publisher.history(channel, None)] == [str(i) for i in ids]
+        assert [e.position for e in await publisher.history(channel, None)] == [(i,) for i in ids]
 
 
 async def test_a_message_too_big_for_notify_is_refused_before_anything_is_sent(url: str, admin: Any) -> None:
@@ -186,11 +187,11 @@ async def test_a_message_too_big_for_notify_is_refused_before_anything_is_sent(u
 
     async with connected(url) as backend:
         channel = unique("big")
-        await backend.subscribe(channel)
+        await backend.subscribe([channel])
         biggest = "é" * (MAX_MESSAGE_BYTES // 2) + "x" * (MAX_MESSAGE_BYTES % 2)  # counted in bytes
         assert len(biggest.encode()) == MAX_MESSAGE_BYTES
         await backend.publish(channel, biggest)
-        assert (await next_event(backend)).message == biggest
+        assert (await next_event(backend)).text == biggest
 
         with pytest.raises(PayloadTooLarge, match=f"at most {MAX_MESSAGE_BYTES} bytes") as raised:
             await backend.publish(channel, biggest + "x")
@@ -198,7 +199,7 @@ async def test_a_message_too_big_for_notify_is_refused_before_anything_is_sent(u
         with pytest.raises(TypeError):
             await backend.publish(channel, b"bytes")
         await backend.publish(channel, "small")
-        assert (await next_event(backend)).message == "small"  # nothing was sent in between
+        assert (await next_event(backend)).text == "small"  # nothing was sent in between
         assert await backend.latest(channel) == "small"
 
 
@@ -208,16 +209,16 @@ async def test_a_message_too_big_for_notify_is_refused_before_anything_is_sent(u
 async def test_a_terminated_connection_makes_next_published_raise(url: str, admin: Any) -> None:
     async with connected(url) as backend:
         channel = unique("doomed")
-        await backend.subscribe(channel)
+        await backend.subscribe([channel])
         await backend.publish(channel, "before")
-        assert (await next_event(backend)).message == "before"
+        assert (await next_event(backend)).text == "before"
         reader = asyncio.create_task(backend.next_published())
         await admin.execute("SELECT pg_terminate_backend($1)", await listener_pid(admin, channel))
         with pytest.raises(BackendConnectionLost) as raised:
             await asyncio.wait_for(reader, TIMEOUT)
         assert isinstance(raised.value, ConnectionError)  # what the layer reconnects on
         with pytest.raises(BackendConnectionLost):
-            await backend.subscribe(channel)
+            await backend.subscribe([channel])
         with pytest.raises(BackendConnectionLost):
             await next_event(backend)
 
@@ -235,7 +236,7 @@ async def test_disconnect_wakes_a_waiting_reader(url: str) -> None:
 async def test_a_reader_that_falls_behind_gets_what_was_buffered_then_the_loss(url: str, admin: Any) -> None:
     async with connected(url, max_pending=5) as backend:
         channel = unique("flood")
-        await backend.subscribe(channel)
+        await backend.subscribe([channel])
         pid = await listener_pid(admin, channel)
         for n in range(8):
             await backend.publish(channel, str(n))
@@ -244,7 +245,7 @@ async def test_a_reader_that_falls_behind_gets_what_was_buffered_then_the_loss(u
             return not await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
 
         await eventually(listener_gone)  # the backend hung up when the sixth arrived
-        assert [(await next_event(backend)).message for _ in range(5)] == ["0", "1", "2", "3", "4"]
+        assert [(await next_event(backend)).text for _ in range(5)] == ["0", "1", "2", "3", "4"]
         with pytest.raises(BackendConnectionLost, match="fell behind"):
             await next_event(backend)
 
@@ -252,13 +253,13 @@ async def test_a_reader_that_falls_behind_gets_what_was_buffered_then_the_loss(u
 async def test_an_unresponsive_server_is_noticed_by_the_idle_probe(url: str, admin: Any) -> None:
     async with connected(url, idle_check_interval=0.1, idle_check_timeout=0.3) as backend:
         channel = unique("probed")
-        await backend.subscribe(channel)
+        await backend.subscribe([channel])
         pid = await listener_pid(admin, channel)  # before the probes, whose SELECT becomes its last query
         # Healthy: several probes pass unnoticed, and a later message still arrives.
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(backend.next_published(), 0.5)
         await backend.publish(channel, "still here")
-        assert (await next_event(backend)).message == "still here"
+        assert (await next_event(backend)).text == "still here"
 
         # A server process that stops answering (as behind a dead network link) is given up on.
         os.kill(pid, signal.SIGSTOP)
@@ -280,8 +281,8 @@ async def test_history_keeps_the_newest_messages_of_each_group(url: str) -> None
         for n in range(5):
             await backend.publish(channel, str(n))
         await backend.publish(other, "other")
-        assert [event.message for event in await backend.history(channel, None)] == ["2", "3", "4"]
-        assert [event.message for event in await backend.history(other, None)] == ["other"]
+        assert [event.text for event in await backend.history(channel, None)] == ["2", "3", "4"]
+        assert [event.text for event in await backend.history(other, None)] == ["other"]
         assert await backend.latest(channel) == "4"
 
 
@@ -298,7 +299,7 @@ async def test_history_expires_and_is_purged(url: str, admin: Any) -> None:
             return await backend.latest(channel) is None
 
         await eventually(expired)
-        assert await backend.last_id(channel) is None and await backend.history(channel, None) == []
+        assert await last_id(backend, channel) is None and await backend.history(channel, None) == []
         # The expired row is still there until a publish (to any group) purges it.
         assert await admin.fetchval(f'SELECT count(*) FROM "{table}" WHERE grp = $1', channel) == 1
         await backend.publish(unique("another"), "x")
@@ -326,10 +327,10 @@ async def test_ids_keep_growing_when_the_table_is_emptied(url: str, admin: Any) 
     try:
         channel = unique("emptied")
         await backend.publish(channel, "first")
-        first = await backend.last_id(channel)
+        first = await last_id(backend, channel)
         await admin.execute(f'TRUNCATE "{table}"')
         await backend.publish(channel, "second")
-        second = await backend.last_id(channel)
+        second = await last_id(backend, channel)
         assert first is not None and second is not None and int(second) > int(first)
     finally:
         await backend.disconnect()
@@ -348,7 +349,7 @@ class Inbox:
 
 async def test_the_layer_reconnects_and_delivers_what_was_published_meanwhile(url: str, admin: Any) -> None:
     table = unique("history")
-    settings = Settings(broadcast_url=url, state_url="redis://127.0.0.1:1/0", reconnect_backoff=0.05)
+    settings = Settings(broadcast_url=url, reconnect_backoff=0.05)
     layer = GroupLayer(settings, backend_factory=lambda u: PostgresBackend(u, table=table))
     group = unique("dream_images")
     inbox = Inbox()
@@ -369,63 +370,3 @@ async def test_the_layer_reconnects_and_delivers_what_was_published_meanwhile(ur
             assert await layer.latest(group) == {"type": "n", "n": 20}
     finally:
         await layer.disconnect()
-
-
-# -- the latest-state store ---------------------------------------------------------------
-
-
-@asynccontextmanager
-async def state_store(url: str, table: str | None = None) -> AsyncIterator[PostgresStateStore]:
-    store = PostgresStateStore(url, table=table or unique("latest"))
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
-async def test_state_store_remembers_the_latest_message_per_group(url: str, admin: Any) -> None:
-    table = unique("latest")
-    assert await admin.fetchval("SELECT to_regclass($1)", table) is None
-    async with state_store(url, table) as store:
-        assert await store.latest("dream_images_42") is None  # created on first use
-        assert await admin.fetchval("SELECT to_regclass($1)::text", table) == table
-        await store.remember("dream_images_42", '{"n":1}', 60)
-        await store.remember("dream_images_42", '{"n":2}', 60)
-        await store.remember("dream_images_43", '{"n":3}', 60)
-        assert await store.latest("dream_images_42") == '{"n":2}'
-        assert await store.latest("dream_images_43") == '{"n":3}'
-    async with state_store(url, table) as again:  # another process, same table
-        assert await again.latest("dream_images_42") == '{"n":2}'
-
-
-async def test_state_store_expires_and_purges(url: str, admin: Any) -> None:
-    table = unique("latest")
-    async with state_store(url, table) as store:
-        await store.remember("short", "gone soon", 0.2)
-        await store.remember("long", "stays", 60)
-
-        async def expired() -> bool:
-            return await store.latest("short") is None
-
-        await eventually(expired)
-        assert await store.latest("long") == "stays"
-        assert await admin.fetchval(f'SELECT count(*) FROM "{table}"') == 2
-        await store.remember("long", "still stays", 60)  # purges the expired row
-        assert await admin.fetch(f'SELECT grp FROM "{table}"') == [("long",)]
-        await store.remember("short", "back", 60)
-        assert await store.latest("short") == "back"
-
-
-async def test_state_store_tables_are_created_once_by_racing_processes_and_again_if_dropped(
-    url: str, admin: Any
-) -> None:
-    table = unique("latest")
-    stores = [PostgresStateStore(url, table=table) for _ in range(10)]
-    try:
-        await asyncio.gather(*(store.remember(f"g{n}", str(n), 60) for n, store in enumerate(stores)))
-        assert [await stores[0].latest(f"g{n}") for n in range(10)] == [str(n) for n in range(10)]
-        await admin.execute(f'DROP TABLE "{table}"')
-        await stores[1].remember("g1", "again", 60)
-        assert await stores[2].latest("g1") == "again"
-    finally:
-        await asyncio.gather(*(store.close() for store in stores))

@@ -12,7 +12,9 @@ import pytest
 import redis
 
 from starlette_dream_ws import GroupLayer, Settings
-from starlette_dream_ws.redis_pubsub import MAX_BATCH, BackendConnectionLost, RedisPubSubBackend
+from starlette_dream_ws.groups import BackendConnectionLost
+from starlette_dream_ws.groups.backends import redis as redis_backend
+from starlette_dream_ws.groups.backends.redis import MAX_BATCH, RedisBackend
 
 from .servers import RedisServer
 
@@ -92,7 +94,7 @@ async def test_a_flushed_script_cache_costs_no_retry(
 
 
 async def test_a_caller_that_gives_up_does_not_hold_up_the_others(redis_server: RedisServer) -> None:
-    backend = RedisPubSubBackend(redis_server.url)
+    backend = RedisBackend(redis_server.url)
     await backend.connect()
     try:
         # Queued together: the first is cancelled before the writer gets to run.
@@ -106,13 +108,13 @@ async def test_a_caller_that_gives_up_does_not_hold_up_the_others(redis_server: 
         latest = await backend.latest("g")
         assert latest is not None and json.loads(latest) == {"n": 4}
         history = await backend.history("g", None)
-        assert [json.loads(event.message)["n"] for event in history] == [1, 2, 3, 4]
+        assert [json.loads(event.text)["n"] for event in history] == [1, 2, 3, 4]
     finally:
         await backend.disconnect()
 
 
 async def test_disconnect_fails_waiting_publishes_instead_of_leaving_them_waiting(redis_server: RedisServer) -> None:
-    backend = RedisPubSubBackend(redis_server.url)
+    backend = RedisBackend(redis_server.url)
     await backend.connect()
     waiting = [asyncio.ensure_future(backend.publish("g", json.dumps({"n": n}))) for n in range(50)]
     await asyncio.sleep(0)
@@ -126,9 +128,7 @@ async def test_disconnect_fails_waiting_publishes_instead_of_leaving_them_waitin
 
 
 def _publish_sha() -> str:
-    from starlette_dream_ws import redis_pubsub
-
-    return redis_pubsub._PUBLISH_SHA
+    return redis_backend._PUBLISH_SHA
 
 
 async def test_many_new_groups_joined_at_once_each_get_their_own_updates(
@@ -137,7 +137,7 @@ async def test_many_new_groups_joined_at_once_each_get_their_own_updates(
     publisher, listener = layers
     groups = [f"new{g}" for g in range(300)]
     inboxes = {group: Inbox() for group in groups}
-    # One SUBSCRIBE and one pipeline of baseline reads for the lot (`subscribe_many`, `last_ids`).
+    # One SUBSCRIBE and one pipeline of baseline reads for the lot (`subscribe`, `last_positions`).
     await asyncio.gather(*(listener.join(group, inboxes[group]) for group in groups))
     await asyncio.gather(*(publisher.publish(group, {"type": "update", "group": group, "n": 0}) for group in groups))
     for group in groups:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from starlette_dream_ws import SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX, AuthenticationFailed, Settings, User
-from starlette_dream_ws.auth import TokenVerifier, extract_token
+from starlette_dream_ws.server.auth import TokenVerifier, extract_token
 
 SECRET = "auth-test-secret-with-at-least-32-bytes!"
 OTHER_SECRET = "another-secret-also-with-32-bytes-or-more"

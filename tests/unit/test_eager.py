@@ -7,7 +7,7 @@ import contextvars
 
 import pytest
 
-from starlette_dream_ws.eager import start_eagerly
+from starlette_dream_ws.server.eager import start_eagerly
 
 pytestmark = pytest.mark.anyio
 

@@ -53,7 +53,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from starlette_dream_ws import DreamWebSocketApp, asend_image_update
-from starlette_dream_ws.dreams import DreamImagesConsumer
+from starlette_dream_ws.server.dreams import DreamImagesConsumer
 from starlette_dream_ws.testing import ClientConnection, ConsumerTestClient
 
 from .conftest import SECRET

@@ -10,16 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
-from broadcaster import Event
-from broadcaster._backends.base import BroadcastBackend
-from broadcaster._backends.memory import MemoryBackend
 
 from starlette_dream_ws import BackendUnavailable, GroupLayer, PublishError, Settings
-from starlette_dream_ws.layer import GroupEvent
+from starlette_dream_ws.groups import Backend, GroupEvent, Position, Published
+from starlette_dream_ws.groups.backends.memory import MemoryBackend
 
 TIMEOUT = 2.0
 
@@ -76,7 +74,11 @@ class Exploding:
 
 
 class Hub:
-    """A fake broker shared by every backend its factory builds, with switches for failures."""
+    """A fake broker shared by every backend its factory builds, with switches for failures.
+
+    It keeps each channel's history with positions (a counter per channel), as the backend
+    contract asks, so that catch-up after a lost connection can be tested here.
+    """
 
     def __init__(self) -> None:
         self.backends: list[FakeBackend] = []
@@ -88,8 +90,8 @@ class Hub:
         self.publish_error: type[Exception] = ConnectionError
         self.publish_attempts = 0
         self.raised: list[Exception] = []
+        #: Channels subscribed, one by one, and the channels of each subscribe call (a batch).
         self.subscribes: list[str] = []
-        #: Channels of each `subscribe_many` call (backends that batch), and what it raises.
         self.batches: list[list[str]] = []
         self.unsubscribe_batches: list[list[str]] = []
         self.subscribe_error: Exception | None = None
@@ -97,9 +99,10 @@ class Hub:
         #: While set, connects and subscribes wait for these gates (to make calls overlap).
         self.connect_gate: asyncio.Event | None = None
         self.subscribe_gate: asyncio.Event | None = None
+        self.history: dict[str, list[Published]] = {}
         self._changed = asyncio.Condition()
 
-    def factory(self, url: str) -> BroadcastBackend:
+    def factory(self, url: str) -> Backend:
         backend = FakeBackend(self)
         self.backends.append(backend)
         return backend
@@ -112,17 +115,26 @@ class Hub:
         async with self._changed:
             await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
 
-    def deliver_raw(self, channel: str, message: Any) -> None:
+    def append(self, channel: str, text: str) -> Published:
+        """Keep a message in the channel's history, at the next position."""
+        kept = self.history.setdefault(channel, [])
+        published = Published(channel, text, (len(kept) + 1,))
+        kept.append(published)
+        return published
+
+    def deliver_raw(self, channel: str, message: Any, position: tuple[int, ...] | None = None) -> None:
         """Put a message on the wire as another process might, bypassing `GroupLayer.publish`."""
         for backend in self.backends:
             if backend.connected and channel in backend.channels:
-                backend.queue.put_nowait(Event(channel=channel, message=message))
+                backend.queue.put_nowait(Published(channel, message, position))
 
 
-class FakeBackend(BroadcastBackend):
-    def __init__(self, hub: Hub) -> None:  # the base class __init__ only raises
+class FakeBackend:
+    """One connection to the fake broker: the whole backend contract."""
+
+    def __init__(self, hub: Hub) -> None:
         self.hub = hub
-        self.queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+        self.queue: asyncio.Queue[Published | BaseException] = asyncio.Queue()
         self.channels: set[str] = set()
         self.connected = False
         self.disconnected = False
@@ -144,20 +156,24 @@ class FakeBackend(BroadcastBackend):
         self.disconnected = True
         await self.hub.changed()
 
-    async def subscribe(self, channel: str) -> None:
+    async def subscribe(self, channels: Sequence[str]) -> None:
         hub = self.hub
-        hub.subscribes.append(channel)
+        hub.subscribes.extend(channels)
+        hub.batches.append(list(channels))
         await hub.changed()
         if hub.subscribe_gate is not None:
             await hub.subscribe_gate.wait()
-        self.channels.add(channel)
+        if hub.subscribe_error is not None:
+            raise hub.subscribe_error
+        self.channels.update(channels)
 
-    async def unsubscribe(self, channel: str) -> None:
-        self.hub.unsubscribes.append(channel)
-        self.channels.discard(channel)
+    async def unsubscribe(self, channels: Sequence[str]) -> None:
+        self.hub.unsubscribes.extend(channels)
+        self.hub.unsubscribe_batches.append(list(channels))
+        self.channels.difference_update(channels)
         await self.hub.changed()
 
-    async def publish(self, channel: str, message: Any) -> None:
+    async def publish(self, channel: str, text: str) -> None:
         hub = self.hub
         hub.publish_attempts += 1
         if hub.publish_failures > 0:
@@ -165,13 +181,24 @@ class FakeBackend(BroadcastBackend):
             error = hub.publish_error("fake publish failure")
             hub.raised.append(error)
             raise error
-        hub.deliver_raw(channel, message)
+        published = hub.append(channel, text)
+        hub.deliver_raw(channel, text, published.position)
 
-    async def next_published(self) -> Event:
+    async def next_published(self) -> Published:
         item = await self.queue.get()
         if isinstance(item, BaseException):
             raise item
         return item
+
+    async def history(self, channel: str, after: Position | None) -> list[Published]:
+        return [p for p in self.hub.history.get(channel, []) if after is None or (p.position or ()) > after]
+
+    async def last_positions(self, channels: Sequence[str]) -> list[Position | None]:
+        return [kept[-1].position if (kept := self.hub.history.get(c)) else None for c in channels]
+
+    async def latest(self, channel: str) -> str | None:
+        kept = self.hub.history.get(channel)
+        return kept[-1].text if kept else None
 
     def lose_connection(self) -> None:
         """The broker drops this connection: the reader's next read fails."""
@@ -180,22 +207,22 @@ class FakeBackend(BroadcastBackend):
 
 
 class CountingMemoryBackend(MemoryBackend):
-    """broadcaster's memory backend, with subscribe calls counted (and gated) by a Hub."""
+    """The memory backend, with subscribe calls counted (and gated) by a Hub."""
 
     def __init__(self, url: str, hub: Hub) -> None:
         super().__init__(url)
         self.hub = hub
 
-    async def subscribe(self, channel: str) -> None:
-        self.hub.subscribes.append(channel)
+    async def subscribe(self, channels: Sequence[str]) -> None:
+        self.hub.subscribes.extend(channels)
         await self.hub.changed()
         if self.hub.subscribe_gate is not None:
             await self.hub.subscribe_gate.wait()
-        await super().subscribe(channel)
+        await super().subscribe(channels)
 
-    async def unsubscribe(self, channel: str) -> None:
-        self.hub.unsubscribes.append(channel)
-        await super().unsubscribe(channel)
+    async def unsubscribe(self, channels: Sequence[str]) -> None:
+        self.hub.unsubscribes.extend(channels)
+        await super().unsubscribe(channels)
         await self.hub.changed()
 
 
@@ -321,34 +348,9 @@ async def test_leaving_while_the_subscription_is_being_made_unsubscribes_after_i
         await layer.disconnect()
 
 
-class BatchingBackend(FakeBackend):
-    """A fake broker connection that, like the Redis backend, subscribes many channels at once."""
-
-    async def subscribe_many(self, channels: list[str]) -> None:
-        hub = self.hub
-        hub.batches.append(list(channels))
-        await hub.changed()
-        if hub.subscribe_gate is not None:
-            await hub.subscribe_gate.wait()
-        if hub.subscribe_error is not None:
-            raise hub.subscribe_error
-        self.channels.update(channels)
-
-    async def unsubscribe_many(self, channels: list[str]) -> None:
-        self.hub.unsubscribe_batches.append(list(channels))
-        self.channels.difference_update(channels)
-        await self.hub.changed()
-
-
 def batching_layer() -> tuple[GroupLayer, Hub]:
     hub = Hub()
-
-    def factory(url: str) -> BroadcastBackend:
-        backend = BatchingBackend(hub)
-        hub.backends.append(backend)
-        return backend
-
-    return GroupLayer(fast_settings(), backend_factory=factory), hub
+    return GroupLayer(fast_settings(), backend_factory=hub.factory), hub
 
 
 async def test_new_groups_joined_at_once_are_subscribed_in_batches() -> None:
@@ -369,7 +371,7 @@ async def test_new_groups_joined_at_once_are_subscribed_in_batches() -> None:
         await asyncio.wait_for(asyncio.gather(*joins), TIMEOUT)
         assert [len(batch) for batch in hub.batches] == [300, 200]
         assert sorted(group for batch in hub.batches for group in batch) == sorted(groups)
-        assert hub.subscribes == []  # no channel subscribed on its own
+        assert len(hub.subscribes) == 500  # each channel once
         for group in groups:
             await layer.publish(group, {"type": "image_update", "group": group})
         for group in groups:
@@ -463,9 +465,9 @@ async def test_a_failing_member_does_not_stop_delivery_to_the_others(
 )
 async def test_junk_on_the_backend_is_dropped_and_the_reader_survives(kind: str, junk: str) -> None:
     hub = Hub()
-    created: list[BroadcastBackend] = []
+    created: list[Backend] = []
 
-    def factory(url: str) -> BroadcastBackend:
+    def factory(url: str) -> Backend:
         backend = CountingMemoryBackend(url, hub) if kind == "memory" else hub.factory(url)
         created.append(backend)
         return backend
@@ -485,9 +487,9 @@ async def test_junk_on_the_backend_is_dropped_and_the_reader_survives(kind: str,
 
 async def test_deeply_nested_json_does_not_kill_the_reader() -> None:
     hub = Hub()
-    created: list[BroadcastBackend] = []
+    created: list[Backend] = []
 
-    def factory(url: str) -> BroadcastBackend:
+    def factory(url: str) -> Backend:
         created.append(CountingMemoryBackend(url, hub))
         return created[-1]
 
@@ -524,16 +526,17 @@ async def test_a_message_that_is_not_text_does_not_strand_the_members() -> None:
 # -- latest state -----------------------------------------------------------------------------
 
 
-async def test_remembered_publish_is_the_latest(kind: str) -> None:
+async def test_the_last_publish_is_the_latest(kind: str) -> None:
     hub = Hub()
     layer = make_layer(kind, hub)
     try:
         assert await layer.latest("unknown") is None
-        await layer.publish("g", {"type": "image_update", "n": 1}, remember=True)
-        await layer.publish("g", {"type": "image_update", "n": 2}, remember=True)
-        await layer.publish("g", {"type": "image_update", "n": 3})  # not remembered
+        await layer.publish("g", {"type": "image_update", "n": 1})
+        await layer.publish("g", {"type": "image_update", "n": 2})
+        await layer.publish("other", {"type": "image_update", "n": 3})
         assert await layer.latest("g") == {"type": "image_update", "n": 2}
-        assert await layer.latest("other") is None
+        assert await layer.latest("other") == {"type": "image_update", "n": 3}
+        assert await layer.latest("nobody") is None
     finally:
         await layer.disconnect()
 
@@ -829,7 +832,7 @@ async def test_after_a_reconnect_the_groups_are_subscribed_again_in_one_batch() 
         first.lose_connection()
         await hub.until(lambda: len(hub.backends) == 2 and len(hub.batches) >= 2)
         assert sorted(hub.batches[-1]) == sorted(members)
-        assert hub.subscribes == []
+        assert len(hub.batches) == 2  # the first subscription, then the reconnect's, one batch each
         await asyncio.wait_for(layer.join("late", Recorder()), TIMEOUT)  # healthy again
         assert layer.reconnects == 1
         for group in members:

@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 import pytest
 
-from starlette_dream_ws import DreamWebSocketApp, limits
-from starlette_dream_ws.limits import RateLimiter, origin_allowed
+from starlette_dream_ws import DreamWebSocketApp
+from starlette_dream_ws.server import limits
+from starlette_dream_ws.server.limits import RateLimiter, origin_allowed
 from starlette_dream_ws.testing import ClientConnection, ConsumerTestClient
 
 MakeApp = Callable[..., DreamWebSocketApp]

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from starlette_dream_ws import DreamImagesConsumer, DreamWebSocketApp, asend_image_update
-from starlette_dream_ws.layer import PublishError
-from starlette_dream_ws.metrics import Histogram
+from starlette_dream_ws.groups import PublishError
+from starlette_dream_ws.groups.publishing import Histogram
+from starlette_dream_ws.server.metrics import histogram_lines
 from starlette_dream_ws.testing import ConsumerTestClient
 
 MakeApp = Callable[..., DreamWebSocketApp]
@@ -110,7 +111,7 @@ async def test_failed_publishes_and_their_retries_are_counted(make_app: MakeApp)
         async def broken(group: str, text: str) -> None:
             raise ConnectionError("backend down")
 
-        backend = app.layer._backend
+        backend = app.layer.backend
         assert backend is not None
         original = backend.publish
         backend.publish = broken  # type: ignore[method-assign]
@@ -129,7 +130,7 @@ def test_histogram_buckets_are_cumulative() -> None:
     histogram = Histogram((0.1, 1.0))
     for value in (0.05, 0.1, 0.5, 3.0):
         histogram.observe(value)
-    lines = list(histogram.lines("x"))
+    lines = list(histogram_lines("x", histogram))
     assert lines == [
         'x_bucket{le="0.1"} 2',
         'x_bucket{le="1.0"} 3',

@@ -19,7 +19,7 @@ from starlette_dream_ws import (
     image_update_message,
     send_image_update,
 )
-from starlette_dream_ws import dreams as dreams_module
+from starlette_dream_ws import protocol as protocol_module
 
 SECRET = "producer-test-secret-with-32-bytes-or-more"
 GROUP = "dream_images_5"
@@ -176,9 +176,9 @@ def test_timestamp_is_a_float_taken_at_call_time(monkeypatch: pytest.MonkeyPatch
     assert isinstance(message["timestamp"], float)
     assert before <= message["timestamp"] <= after
     # Taken on each call, from the clock at that moment.
-    monkeypatch.setattr(dreams_module, "time", SimpleNamespace(time=lambda: 1234.5))
+    monkeypatch.setattr(protocol_module, "time", SimpleNamespace(time=lambda: 1234.5))
     assert image_update_message(5)["timestamp"] == 1234.5
-    monkeypatch.setattr(dreams_module, "time", SimpleNamespace(time=lambda: 2345.5))
+    monkeypatch.setattr(protocol_module, "time", SimpleNamespace(time=lambda: 2345.5))
     assert image_update_message(5)["timestamp"] == 2345.5
 
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from starlette_dream_ws import redaction
+from starlette_dream_ws.server import redaction
 
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1MSJ9.c2lnbmF0dXJl"
 

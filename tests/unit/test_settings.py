@@ -14,7 +14,6 @@ SECRET = "settings-test-secret-of-32-bytes-or-more"
 def test_defaults() -> None:
     settings = Settings()
     assert settings.broadcast_url == "memory://"
-    assert settings.effective_state_url == "memory://"
     assert settings.heartbeat_interval == 30
     assert settings.heartbeat_timeout is None
     assert settings.effective_heartbeat_timeout == 60
@@ -26,11 +25,6 @@ def test_defaults() -> None:
 def test_timeout_is_derived_from_the_interval_unless_given() -> None:
     assert Settings(heartbeat_interval=5).effective_heartbeat_timeout == 10
     assert Settings(heartbeat_interval=5, heartbeat_timeout=7).effective_heartbeat_timeout == 7
-
-
-def test_state_url_defaults_to_a_redis_broadcast_url() -> None:
-    settings = Settings(broadcast_url="redis://localhost:6379/0")
-    assert settings.effective_state_url == "redis://localhost:6379/0"
 
 
 def test_from_env_reads_the_variables() -> None:
@@ -105,10 +99,9 @@ def test_keywords_override_the_environment() -> None:
         pytest.param({"heartbeat_interval": 30, "heartbeat_timeout": 10}, id="timeout below interval"),
         pytest.param({"heartbeat_interval": 0}, id="zero interval"),
         pytest.param({"publish_retries": -1}, id="negative retries"),
-        pytest.param({"broadcast_url": "memory://", "state_url": "redis://localhost"}, id="memory with redis state"),
-        pytest.param({"broadcast_url": "redis://localhost", "state_url": "memory://"}, id="redis with memory state"),
-        pytest.param({"broadcast_url": "kafka://localhost:9092", "state_url": "redis://x"}, id="kafka refused"),
-        pytest.param({"broadcast_url": "redis-stream://host", "state_url": "redis://x"}, id="redis-stream refused"),
+        pytest.param({"broadcast_url": "kafka://localhost:9092"}, id="kafka refused"),
+        pytest.param({"broadcast_url": "redis-stream://host"}, id="redis-stream refused"),
+        pytest.param({"broadcast_url": "nats://host"}, id="unknown scheme"),
     ],
 )
 def test_invalid_settings_raise_configuration_error(kwargs: dict[str, Any]) -> None:
@@ -118,13 +111,18 @@ def test_invalid_settings_raise_configuration_error(kwargs: dict[str, Any]) -> N
         Settings.from_env({}, **kwargs)
 
 
+def test_state_url_is_gone_every_backend_keeps_the_latest_state() -> None:
+    with pytest.raises(ConfigurationError):
+        Settings.from_env({}, state_url="redis://localhost")
+
+
 def test_configuration_error_is_a_value_error() -> None:
     assert issubclass(ConfigurationError, ValueError)
 
 
-def test_other_broadcaster_schemes_with_a_redis_state_url_are_accepted() -> None:
-    settings = Settings(broadcast_url="postgres://db/dreams", state_url="redis://cache:6379/0")
-    assert settings.effective_state_url == "redis://cache:6379/0"
+@pytest.mark.parametrize("url", ["memory://", "redis://cache:6379/0", "rediss://cache", "postgres://db/dreams"])
+def test_every_scheme_with_a_backend_is_accepted(url: str) -> None:
+    assert Settings(broadcast_url=url).broadcast_url == url
 
 
 @pytest.mark.parametrize(

@@ -6,36 +6,11 @@ built when someone scrapes `<mount>/metrics` (enabled with the `metrics` setting
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
-#: Upper bounds (seconds) of the publish latency histogram's buckets.
-PUBLISH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-class Histogram:
-    """Counts of observations per bucket, as a Prometheus histogram (cumulative on output)."""
-
-    def __init__(self, buckets: Sequence[float] = PUBLISH_BUCKETS) -> None:
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def lines(self, name: str) -> Iterator[str]:
-        total = 0
-        for bound, count in zip((*map(_number, self.buckets), "+Inf"), self.counts, strict=True):
-            total += count
-            yield f'{name}_bucket{{le="{bound}"}} {total}'
-        yield f"{name}_sum {_number(self.sum)}"
-        yield f"{name}_count {self.count}"
+from ..groups.publishing import Histogram, PublishMetrics
 
 
 @dataclasses.dataclass
@@ -53,16 +28,6 @@ class ConnectionMetrics:
     slow_closed: int = 0
     #: Connections given up because the client did not take their close within `close_timeout`.
     dropped: int = 0
-
-
-@dataclasses.dataclass
-class PublishMetrics:
-    """What a groups layer counts about publishing (in the process that publishes)."""
-
-    published: int = 0
-    retries: int = 0
-    failures: int = 0
-    seconds: Histogram = dataclasses.field(default_factory=Histogram)
 
 
 def exposition(
@@ -155,10 +120,19 @@ def exposition(
         "dream_ws_publish_duration_seconds",
         "histogram",
         "Time from a publish call to its confirmation, retries included.",
-        *publishing.seconds.lines("dream_ws_publish_duration_seconds"),
+        *histogram_lines("dream_ws_publish_duration_seconds", publishing.seconds),
     )
     return "\n".join(out) + "\n"
 
 
 def _number(value: float) -> str:
     return repr(float(value))
+
+
+def histogram_lines(name: str, histogram: Histogram) -> Iterator[str]:
+    total = 0
+    for bound, count in zip((*map(_number, histogram.buckets), "+Inf"), histogram.counts, strict=True):
+        total += count
+        yield f'{name}_bucket{{le="{bound}"}} {total}'
+    yield f"{name}_sum {_number(histogram.sum)}"
+    yield f"{name}_count {histogram.count}"

@@ -1,4 +1,4 @@
-"""PostgreSQL for `postgres://` / `postgresql://` URLs: groups on LISTEN/NOTIFY, with a history table.
+"""The PostgreSQL backend for `postgres://` / `postgresql://` URLs: groups on LISTEN/NOTIFY, with a history table.
 
 broadcaster 0.3.1's Postgres backend waits forever in `next_published` once its connection is
 gone (nothing watches for the end of the connection), buffers in an unbounded queue, and runs
@@ -10,8 +10,8 @@ again), bounds its buffer, and publishes through a small pool.
 NOTIFY delivers at most once, like Redis pub/sub: what is published while a listener is
 reconnecting is gone. So, as the Redis backend does with a stream, each publish also inserts
 the message into a history table in the same transaction, and the notification carries the
-row's id: after a reconnect the layer reads what it missed (`history`), and the newest row is
-the group's latest state (`latest`).
+row's id, which is the message's position: after a reconnect the layer reads what it missed
+(`history`), and the newest row is the group's latest state (`latest`).
 
 Needs the `postgres` extra (asyncpg). Not through PgBouncer in transaction mode: LISTEN needs a
 session of its own.
@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
-from broadcaster import Event
-from broadcaster._backends.base import BroadcastBackend
+
+from ..contract import BackendConnectionLost, Position, Published, split_position
 
 #: NOTIFY refuses a payload of 8000 bytes or more (BLCKSZ - NAMEDATALEN - 128 in a default build).
 MAX_PAYLOAD_BYTES = 7999
@@ -53,20 +54,15 @@ POOL_SIZE = 10
 PURGE_BATCH = 100
 
 
-class BackendConnectionLost(ConnectionError):
-    """The listening connection ended or fell behind; the layer reconnects."""
-
-
 class PayloadTooLarge(ValueError):
     """A message longer than NOTIFY carries; a ValueError, so the layer does not retry it."""
 
 
-class HistoryEvent(Event):
-    """A published message with its position in the group's history (the row id, as text)."""
-
-    def __init__(self, channel: str, message: str, id: str | None) -> None:
-        super().__init__(channel, message)
-        self.id = id
+def row_position(row_id: str) -> Position:
+    """A history row id (digits only) as a position; `ValueError` if it is not one."""
+    if not (row_id.isascii() and row_id.isdigit()):
+        raise ValueError(row_id)
+    return (int(row_id),)
 
 
 def check_channel(channel: str) -> None:
@@ -114,7 +110,7 @@ async def _close_pool(pool: Any) -> None:
         raise
 
 
-class PostgresBackend(BroadcastBackend):
+class PostgresBackend:
     """Groups on LISTEN/NOTIFY: one listening connection; publishing and history through a pool."""
 
     def __init__(
@@ -136,7 +132,7 @@ class PostgresBackend(BroadcastBackend):
         self._idle_check_timeout = idle_check_timeout
         self._listener: Any = None
         self._pool: Any = None
-        self._events: deque[HistoryEvent] = deque()
+        self._events: deque[Published] = deque()
         self._arrived = asyncio.Event()
         self._lost: BackendConnectionLost | None = None
         # asyncpg runs one command at a time per connection: LISTEN, UNLISTEN and the probe take turns.
@@ -161,37 +157,40 @@ class PostgresBackend(BroadcastBackend):
             if pool is not None:
                 await _close_pool(pool)
 
-    async def subscribe(self, channel: str) -> None:
+    async def subscribe(self, channels: Sequence[str]) -> None:
         # LISTEN takes effect when it returns (autocommit): every later NOTIFY reaches us.
-        check_channel(channel)
+        for channel in channels:
+            check_channel(channel)
         async with self._lock:
-            await self._listening().add_listener(channel, self._on_notification)
+            for channel in channels:
+                await self._listening().add_listener(channel, self._on_notification)
 
-    async def unsubscribe(self, channel: str) -> None:
+    async def unsubscribe(self, channels: Sequence[str]) -> None:
         async with self._lock:
-            await self._listening().remove_listener(channel, self._on_notification)
+            for channel in channels:
+                await self._listening().remove_listener(channel, self._on_notification)
 
-    async def publish(self, channel: str, message: Any) -> None:
-        if not isinstance(message, str):
-            raise TypeError(f"a PostgreSQL notification is text, not {type(message).__name__}")
+    async def publish(self, channel: str, text: str) -> None:
+        if not isinstance(text, str):
+            raise TypeError(f"a PostgreSQL notification is text, not {type(text).__name__}")
         check_channel(channel)
-        size = len(message.encode())
+        size = len(text.encode())
         if size > MAX_MESSAGE_BYTES:
             raise PayloadTooLarge(
                 f"a message of {size} bytes does not fit in a PostgreSQL notification "
                 f"(at most {MAX_MESSAGE_BYTES} bytes): send a reference to the data instead"
             )
-        if "\x00" in message:
+        if "\x00" in text:
             raise ValueError("PostgreSQL text cannot hold NUL characters")
         async with self._pooled().acquire() as connection, connection.transaction():
             # One publisher per group at a time, so that ids grow in commit order, which is the
             # order NOTIFY delivers in: the layer drops an id lower than one it has delivered.
             await connection.execute(self._sql.lock, channel)
-            await connection.execute(self._sql.publish, channel, message, self._ttl)
+            await connection.execute(self._sql.publish, channel, text, self._ttl)
             await connection.execute(self._sql.trim, channel, self._history_size)
             await connection.execute(self._sql.purge)
 
-    async def next_published(self) -> Event:
+    async def next_published(self) -> Published:
         while not self._events:
             # What arrived before the connection ended is delivered first, then the loss is raised.
             if self._lost is not None:
@@ -206,15 +205,17 @@ class PostgresBackend(BroadcastBackend):
 
     # -- history ----------------------------------------------------------------------------
 
-    async def history(self, channel: str, after: str | None) -> list[HistoryEvent]:
-        """Messages of `channel` newer than the id `after`, oldest first (at most `history_size`)."""
-        rows = await self._pooled().fetch(self._sql.history, channel, int(after or 0), self._history_size)
-        return [HistoryEvent(channel, row["message"], str(row["id"])) for row in rows]
+    async def history(self, channel: str, after: Position | None) -> list[Published]:
+        """Messages of `channel` later than `after`, oldest first (at most `history_size`)."""
+        start = after[0] if after is not None else 0
+        rows = await self._pooled().fetch(self._sql.history, channel, start, self._history_size)
+        return [Published(channel, row["message"], (row["id"],)) for row in rows]
 
-    async def last_id(self, channel: str) -> str | None:
-        """The id of the newest message of `channel`, if any is kept."""
-        value = await self._pooled().fetchval(self._sql.last_id, channel)
-        return None if value is None else str(value)
+    async def last_positions(self, channels: Sequence[str]) -> list[Position | None]:
+        """The position of each channel's newest kept message, in one query."""
+        rows = await self._pooled().fetch(self._sql.last_ids, list(channels))
+        newest = {row["grp"]: row["id"] for row in rows}
+        return [(newest[channel],) if channel in newest else None for channel in channels]
 
     async def latest(self, channel: str) -> str | None:
         """The newest message of `channel` (its latest state), if any is kept."""
@@ -255,12 +256,8 @@ class PostgresBackend(BroadcastBackend):
             # Stop the server from sending more; the reader drains what is buffered, then reconnects.
             connection.terminate()
             return
-        # "<id> <message>" from our publish; anything else is a message without history.
-        head, sep, rest = payload.partition(" ")
-        if sep and head.isascii() and head.isdigit():
-            self._events.append(HistoryEvent(channel, rest, head))
-        else:
-            self._events.append(HistoryEvent(channel, payload, None))
+        position, text = split_position(payload, row_position)
+        self._events.append(Published(channel, text, position))
         self._arrived.set()
 
     def _on_termination(self, connection: Any) -> None:
@@ -307,72 +304,7 @@ class _HistorySQL:
         )
         alive = "grp = $1::text AND expires_at > now()"
         self.history = f"SELECT id, message FROM {t} WHERE {alive} AND id > $2::bigint ORDER BY id LIMIT $3::int"
-        self.last_id = f"SELECT max(id) FROM {t} WHERE {alive}"
+        self.last_ids = (
+            f"SELECT grp, max(id) AS id FROM {t} WHERE grp = ANY($1::text[]) AND expires_at > now() GROUP BY grp"
+        )
         self.latest = f"SELECT message FROM {t} WHERE {alive} ORDER BY id DESC LIMIT 1"
-
-
-class PostgresStateStore:
-    """Each group's latest message in a table, with an expiry; the interface of `RedisStateStore`.
-
-    For a groups backend without history (the PostgreSQL backend keeps the latest state in its
-    history table itself). The table is created on first use. Expired rows are never returned,
-    and each `remember` deletes a few of them, so the table holds about the groups updated
-    within the TTL. `now()` is the database's clock: processes with skewed clocks agree on
-    what has expired.
-    """
-
-    def __init__(self, url: str, *, table: str = "dream_ws_latest") -> None:
-        self._url = url
-        self._pool: Any = None
-        self._created = False
-        self._setup_lock = asyncio.Lock()
-        t = quote_ident(table)
-        self._create = create_table_sql(
-            table, "grp text PRIMARY KEY, message text NOT NULL, expires_at timestamptz NOT NULL"
-        )
-        # One statement: the upsert, and a bounded purge of expired rows (never of this group's
-        # row, which the upsert is writing: one statement may not change a row twice).
-        self._remember = (
-            f"WITH purged AS (DELETE FROM {t} WHERE grp = ANY(ARRAY("
-            f"SELECT grp FROM {t} WHERE expires_at <= now() AND grp <> $1::text LIMIT {PURGE_BATCH})))"
-            f" INSERT INTO {t} (grp, message, expires_at)"
-            " VALUES ($1::text, $2::text, now() + make_interval(secs => $3::float8))"
-            " ON CONFLICT (grp) DO UPDATE SET message = EXCLUDED.message, expires_at = EXCLUDED.expires_at"
-        )
-        self._latest = f"SELECT message FROM {t} WHERE grp = $1::text AND expires_at > now()"
-
-    async def remember(self, group: str, text: str, ttl: float) -> None:
-        await self._run("execute", self._remember, group, text, float(ttl))
-
-    async def latest(self, group: str) -> str | None:
-        value = await self._run("fetchval", self._latest, group)
-        return value if isinstance(value, str) else None
-
-    async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        self._created = False
-        if pool is not None:
-            await _close_pool(pool)
-
-    async def _run(self, method: str, query: str, *args: object) -> object:
-        pool = await self._ready()
-        try:
-            result: object = await getattr(pool, method)(query, *args)
-        except asyncpg.UndefinedTableError:
-            # Dropped, or a new database behind the same URL: create it again, once.
-            self._created = False
-            pool = await self._ready()
-            result = await getattr(pool, method)(query, *args)
-        return result
-
-    async def _ready(self) -> Any:
-        if self._created and self._pool is not None:
-            return self._pool
-        async with self._setup_lock:
-            if self._pool is None:
-                # Connections are opened on demand and broken ones replaced: the pool outlives outages.
-                self._pool = await _create_pool(self._url)
-            if not self._created:
-                await self._pool.execute(self._create)
-                self._created = True
-        return self._pool

@@ -1,7 +1,7 @@
-"""One timer for the heartbeats of all connections of an app.
+"""Heartbeat and expiry: one timer for all connections of an app, and the policy it applies.
 
 A sleeping task per connection costs memory and wake-ups; instead one task ticks a few times
-per interval and asks each connection whether a ping or a timeout is due.
+per interval and asks each connection whether a ping or a timeout is due (`overdue`).
 """
 
 from __future__ import annotations
@@ -10,6 +10,11 @@ import asyncio
 import logging
 import time
 from typing import Any, Protocol
+
+from ..protocol import CloseCodes
+from ..settings import Settings
+from ..tasks import cancel_and_wait
+from .connection import CloseConnection
 
 logger = logging.getLogger("starlette_dream_ws.heartbeat")
 
@@ -55,6 +60,14 @@ class Heartbeat:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait({task})
+        await cancel_and_wait(task)
+
+
+def overdue(last_seen: float, expires_at: float | None, now: float, settings: Settings) -> CloseConnection | None:
+    """Why a connection must close now: silence past `heartbeat_timeout` (4408), or a token past
+    its expiry (4401); None while it may stay."""
+    if now - last_seen >= settings.effective_heartbeat_timeout:
+        return CloseConnection(CloseCodes.HEARTBEAT_TIMEOUT, "heartbeat_timeout", "no message in time")
+    if expires_at is not None and time.time() >= expires_at + settings.jwt_leeway:
+        return CloseConnection(CloseCodes.UNAUTHENTICATED, "token_expired", "the token has expired")
+    return None

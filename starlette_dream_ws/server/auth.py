@@ -19,10 +19,20 @@ from typing import Any
 
 import jwt
 
-from .settings import Settings
+from ..protocol import SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX
+from ..settings import Settings
 
-SUBPROTOCOL = "dream-ws.v1"
-TOKEN_SUBPROTOCOL_PREFIX = "dream-ws.bearer."
+__all__ = [
+    "SUBPROTOCOL",
+    "TOKEN_SUBPROTOCOL_PREFIX",
+    "AuthenticationFailed",
+    "Authorizer",
+    "TokenVerifier",
+    "User",
+    "allow_any_authenticated_user",
+    "call_authorizer",
+    "extract_token",
+]
 
 
 class AuthenticationFailed(Exception):

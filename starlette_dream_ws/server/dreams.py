@@ -1,66 +1,16 @@
-"""Dream image updates: the status values, the update message, and `DreamImagesConsumer`."""
+"""The dream images endpoint: `DreamImagesConsumer` and `DreamWebSocketApp`, ready to mount."""
 
 from __future__ import annotations
 
-import enum
 import json
-import time
-from collections.abc import Sequence
 from typing import Any
 
-from .auth import SUBPROTOCOL, call_authorizer
-from .consumer import CloseCodes, CloseConnection, Consumer
-
-
-class ImageStatus(enum.StrEnum):
-    PROCESSING = "processing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    DELETE_PROCESSING = "delete_processing"
-    DELETE_COMPLETED = "delete_completed"
-    DELETE_FAILED = "delete_failed"
-
-
-STATUSES = frozenset(status.value for status in ImageStatus)
-
-
-def dream_group(dream_id: int) -> str:
-    """The group every connection watching `dream_id` joins."""
-    return f"dream_images_{dream_id}"
-
-
-def image_update_message(
-    dream_id: int,
-    image_urls: Sequence[str] | None = None,
-    status: str = "processing",
-    message: str | None = None,
-) -> dict[str, Any]:
-    """Validate an update and build the `image_update` message clients receive.
-
-    Raises `ValueError` (or `TypeError`) before anything is published.
-    """
-    if isinstance(dream_id, bool) or not isinstance(dream_id, int):
-        raise TypeError(f"dream_id must be an int, got {type(dream_id).__name__}")
-    if dream_id <= 0:
-        raise ValueError(f"dream_id must be positive, got {dream_id}")
-    status = str(status.value) if isinstance(status, ImageStatus) else status
-    if status not in STATUSES:
-        raise ValueError(f"status must be one of {sorted(STATUSES)}, got {status!r}")
-    if isinstance(image_urls, str | bytes):
-        raise TypeError("image_urls must be a list of URL strings, not one string")
-    images = list(image_urls or ())
-    if not all(isinstance(url, str) for url in images):
-        raise TypeError("image_urls must be a list of URL strings")
-    if message is not None and not isinstance(message, str):
-        raise TypeError("message must be a string or None")
-    return {
-        "type": "image_update",
-        "dream_id": dream_id,
-        "status": status,
-        "images": images,
-        "timestamp": time.time(),
-        "message": message,
-    }
+from ..protocol import SUBPROTOCOL, CloseCodes, dream_group
+from ..settings import ConfigurationError, Settings
+from .app import ConsumerApp
+from .auth import Authorizer, call_authorizer
+from .connection import CloseConnection
+from .consumer import Consumer
 
 
 class DreamImagesConsumer(Consumer):
@@ -155,3 +105,27 @@ class DreamImagesConsumer(Consumer):
             raise CloseConnection(CloseCodes.UNAUTHENTICATED, "unauthenticated", "the new token is for another user")
         self.user = user
         await self.send_json({"type": "token_refreshed", "expires_at": user.expires_at})
+
+
+class DreamWebSocketApp(ConsumerApp):
+    """The dream images endpoint, `/dreams/{dream_id}`, ready to mount.
+
+    `authorize(user, dream_id)` decides who may watch which dream (it may be async). To let
+    every authenticated user watch every dream, pass `allow_any_authenticated_user`.
+    """
+
+    def __init__(
+        self,
+        *,
+        authorize: Authorizer | None,
+        settings: Settings | None = None,
+        consumer: type[DreamImagesConsumer] = DreamImagesConsumer,
+        path: str = "/dreams/{dream_id:int}",
+        **overrides: Any,
+    ) -> None:
+        if authorize is None:
+            raise ConfigurationError(
+                "authorize is required: pass a function (user, dream_id) -> bool, or "
+                "allow_any_authenticated_user to let any authenticated user watch any dream"
+            )
+        super().__init__({path: consumer}, authorize=authorize, settings=settings, **overrides)

@@ -1,4 +1,5 @@
-"""The Redis backend: pub/sub for speed, a short stream per group so nothing is missed.
+"""The Redis backend for `redis://` and `rediss://`: pub/sub for speed, a short stream per group
+so that nothing is missed.
 
 broadcaster 0.3.1's Redis backend misses the first subscription with redis-py 8, buffers in an
 unbounded queue, and ends silently when Redis goes away. This one reads the pub/sub connection
@@ -7,9 +8,9 @@ connection is lost so that the layer can reconnect and subscribe again.
 
 Pub/sub delivers at most once: what is published while a subscriber is reconnecting is gone.
 So each publish also appends the message to the group's stream (`XADD`, capped and expiring)
-in the same atomic script, and the channel carries the entry's id. After a reconnect the layer
-reads the stream from the last id it delivered (`history`), and the newest entry is the group's
-latest state (`latest`).
+in the same atomic script, and the channel carries the entry's id, which is the message's
+position. After a reconnect the layer reads the stream from the last position it delivered
+(`history`), and the newest entry is the group's latest state (`latest`).
 
 Publishes are pipelined: while one batch is on its way to Redis, the next ones wait and go
 together in one round trip, so a burst of updates (a busy async producer, many endpoints)
@@ -24,12 +25,13 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from broadcaster import Event
-from broadcaster._backends.base import BroadcastBackend
 from redis import asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
+
+from ...tasks import cancel_and_wait
+from ..contract import BackendConnectionLost, Position, Published, split_position
 
 #: Seconds to wait for Redis to confirm a SUBSCRIBE or UNSUBSCRIBE.
 CONFIRM_TIMEOUT = 5.0
@@ -47,25 +49,29 @@ _PUBLISH_SHA = hashlib.sha1(_PUBLISH.encode()).hexdigest()
 MAX_BATCH = 256
 
 
-class BackendConnectionLost(ConnectionError):
-    """The backend connection ended; the layer reconnects."""
+def stream_position(stream_id: str) -> Position:
+    """A stream id (`<ms>-<seq>`) as a position; `ValueError` if it is not one."""
+    ms, sep, seq = stream_id.partition("-")
+    if not sep:
+        raise ValueError(stream_id)
+    return int(ms), int(seq)
 
 
-class HistoryEvent(Event):
-    """A published message with its position in the group's history (a stream id)."""
-
-    def __init__(self, channel: str, message: str, id: str | None) -> None:
-        super().__init__(channel, message)
-        self.id = id
+def stream_id(position: Position) -> str:
+    return "-".join(map(str, position))
 
 
-def stream_id(value: str) -> tuple[int, int]:
-    """Stream ids (`<ms>-<seq>`) as comparable numbers."""
-    ms, _, seq = value.partition("-")
-    return int(ms), int(seq or 0)
+def redis_client(url: str, **options: Any) -> aioredis.Redis:
+    """A client whose pool waits for a free connection instead of raising when all are busy."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=64, timeout=CONFIRM_TIMEOUT, socket_connect_timeout=CONFIRM_TIMEOUT, **options
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
-class RedisPubSubBackend(BroadcastBackend):
+class RedisBackend:
+    """The backend contract on Redis pub/sub plus one capped, expiring stream per group."""
+
     def __init__(self, url: str, *, ttl: float = 86400.0, history_size: int = 100) -> None:
         self._url = url
         self._ttl_ms = max(1, int(ttl * 1000))
@@ -81,15 +87,7 @@ class RedisPubSubBackend(BroadcastBackend):
 
     async def connect(self) -> None:
         # No silent retries inside redis-py: the layer owns reconnecting, with its own backoff.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self._url,
-            max_connections=64,
-            timeout=CONFIRM_TIMEOUT,
-            socket_connect_timeout=CONFIRM_TIMEOUT,
-            socket_keepalive=True,
-            retry=Retry(NoBackoff(), 0),
-        )
-        self._client = aioredis.Redis(connection_pool=pool)
+        self._client = redis_client(self._url, socket_keepalive=True, retry=Retry(NoBackoff(), 0))
         self._pubsub = self._client.pubsub()
         await self._pubsub.connect()
         await self._client.ping()
@@ -97,9 +95,7 @@ class RedisPubSubBackend(BroadcastBackend):
 
     async def disconnect(self) -> None:
         writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.cancel()
-            await asyncio.wait({writer})
+        await cancel_and_wait(writer)
         lost = BackendConnectionLost("backend disconnected")
         for future in self._pending.values():
             _fail(future, lost)
@@ -111,17 +107,11 @@ class RedisPubSubBackend(BroadcastBackend):
         if self._client is not None:
             await self._client.aclose()
 
-    async def subscribe(self, channel: str) -> None:
-        await self.subscribe_many([channel])
-
-    async def subscribe_many(self, channels: Sequence[str]) -> None:
+    async def subscribe(self, channels: Sequence[str]) -> None:
         """Subscribe to every channel with one command; returns once Redis has confirmed each."""
         await self._confirmed("subscribe", channels, self._pubsub.subscribe)
 
-    async def unsubscribe(self, channel: str) -> None:
-        await self.unsubscribe_many([channel])
-
-    async def unsubscribe_many(self, channels: Sequence[str]) -> None:
+    async def unsubscribe(self, channels: Sequence[str]) -> None:
         await self._confirmed("unsubscribe", channels, self._pubsub.unsubscribe)
 
     async def _confirmed(self, kind: str, channels: Sequence[str], command: Any) -> None:
@@ -141,11 +131,11 @@ class RedisPubSubBackend(BroadcastBackend):
             for channel in channels:
                 self._pending.pop((kind, channel), None)
 
-    async def publish(self, channel: str, message: Any) -> None:
+    async def publish(self, channel: str, text: str) -> None:
         if self._writer is None or self._writer.done():
             raise BackendConnectionLost("not connected")
         future = asyncio.get_running_loop().create_future()
-        self._outbox.append((channel, message, future))
+        self._outbox.append((channel, text, future))
         self._outbox_ready.set()
         # A caller that gives up (its timeout) cancels the future: the writer skips it if it
         # has not been sent yet; if it has, it may still be published (at least once).
@@ -206,7 +196,7 @@ class RedisPubSubBackend(BroadcastBackend):
                 )
             return list(await pipe.execute(raise_on_error=False))
 
-    async def next_published(self) -> Event:
+    async def next_published(self) -> Published:
         while True:
             try:
                 message = await self._pubsub.get_message(timeout=None)
@@ -217,37 +207,33 @@ class RedisPubSubBackend(BroadcastBackend):
             kind = message["type"]
             channel = _text(message["channel"])
             if kind == "message":
-                return _event(channel, _text(message["data"]))
+                position, text = split_position(_text(message["data"]), stream_position)
+                return Published(channel, text, position)
             future = self._pending.get((kind, channel))
             if future is not None and not future.done():
                 future.set_result(None)
 
     # -- history ----------------------------------------------------------------------------
 
-    async def history(self, channel: str, after: str | None) -> list[HistoryEvent]:
-        """Messages of `channel` newer than the stream id `after`, oldest first."""
+    async def history(self, channel: str, after: Position | None) -> list[Published]:
+        """Messages of `channel` later than `after`, oldest first."""
         assert self._client is not None
-        entries = await self._client.xrange(
-            HISTORY_PREFIX + channel, min=f"({after}" if after else "-", count=self._history_size
-        )
+        start = f"({stream_id(after)}" if after is not None else "-"
+        entries = await self._client.xrange(HISTORY_PREFIX + channel, min=start, count=self._history_size)
         return [
-            HistoryEvent(channel, _text(fields[b"m"]), _text(entry_id))
+            Published(channel, _text(fields[b"m"]), stream_position(_text(entry_id)))
             for entry_id, fields in entries or ()
             if fields is not None
         ]
 
-    async def last_id(self, channel: str) -> str | None:
-        """The id of the newest message of `channel`, if any is kept."""
-        return (await self.last_ids([channel]))[0]
-
-    async def last_ids(self, channels: Sequence[str]) -> list[str | None]:
-        """`last_id` of each channel, in one round trip."""
+    async def last_positions(self, channels: Sequence[str]) -> list[Position | None]:
+        """The position of each channel's newest message, in one round trip."""
         assert self._client is not None
         async with self._client.pipeline(transaction=False) as pipe:
             for channel in channels:
                 pipe.xrevrange(HISTORY_PREFIX + channel, count=1)
             results = await pipe.execute()
-        return [_text(entries[0][0]) if entries else None for entries in results]
+        return [stream_position(_text(entries[0][0])) if entries else None for entries in results]
 
     async def latest(self, channel: str) -> str | None:
         """The newest message of `channel` (its latest state), if any is kept."""
@@ -265,11 +251,3 @@ def _fail(future: asyncio.Future[None], exc: BaseException) -> None:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _event(channel: str, data: str) -> HistoryEvent:
-    # "<stream id> <message>" from our publish; a plain message from anyone else.
-    head, sep, rest = data.partition(" ")
-    if sep and head[:1].isdigit() and "-" in head:
-        return HistoryEvent(channel, rest, head)
-    return HistoryEvent(channel, data, None)

@@ -33,19 +33,20 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Match, Route, Router, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
+from ..groups import BackendUnavailable, GroupLayer, shared
+from ..protocol import CloseCodes
+from ..settings import Settings
 from . import redaction
-from .auth import Authorizer, TokenVerifier
-from .consumer import CloseCodes, CloseConnection, Consumer, ConsumerContext
-from .dreams import DreamImagesConsumer
+from .auth import TokenVerifier
+from .connection import CloseConnection
+from .consumer import Consumer
+from .context import ConsumerContext
 from .heartbeat import Heartbeat
-from .layer import BackendUnavailable, GroupLayer
 from .metrics import exposition
-from .producers import register_app_layer, unregister_app_layer
-from .settings import ConfigurationError, Settings
 
 logger = logging.getLogger("starlette_dream_ws.app")
 
-STATIC = Path(__file__).parent / "static"
+STATIC = Path(__file__).parent.parent / "static"
 #: Seconds `close()` waits for connections to finish closing.
 SHUTDOWN_TIMEOUT = 5.0
 
@@ -115,7 +116,7 @@ class ConsumerApp:
             return  # every connection calls this: the common case is one check
         redaction.install()
         await self.layer.connect()
-        register_app_layer(self.layer)
+        shared.register(self.layer)
         self._started = True
 
     async def close(self, code: int = CloseCodes.GOING_AWAY) -> None:
@@ -131,7 +132,7 @@ class ConsumerApp:
             self.context.drained = None
         await self.heartbeat.close()
         self._started = False
-        unregister_app_layer(self.layer)
+        shared.unregister(self.layer)
         await self.layer.disconnect()
 
     @contextlib.asynccontextmanager
@@ -225,27 +226,3 @@ def close_on_signals(app: ConsumerApp, signals: tuple[int, ...] = (signal.SIGTER
         for signum, previous in installed.items():
             if signal.getsignal(signum) is handler:
                 signal.signal(signum, previous)
-
-
-class DreamWebSocketApp(ConsumerApp):
-    """The dream images endpoint, `/dreams/{dream_id}`, ready to mount.
-
-    `authorize(user, dream_id)` decides who may watch which dream (it may be async). To let
-    every authenticated user watch every dream, pass `allow_any_authenticated_user`.
-    """
-
-    def __init__(
-        self,
-        *,
-        authorize: Authorizer | None,
-        settings: Settings | None = None,
-        consumer: type[DreamImagesConsumer] = DreamImagesConsumer,
-        path: str = "/dreams/{dream_id:int}",
-        **overrides: Any,
-    ) -> None:
-        if authorize is None:
-            raise ConfigurationError(
-                "authorize is required: pass a function (user, dream_id) -> bool, or "
-                "allow_any_authenticated_user to let any authenticated user watch any dream"
-            )
-        super().__init__({path: consumer}, authorize=authorize, settings=settings, **overrides)

@@ -1,0 +1,47 @@
+"""The groups layers of the apps running in this process, by broadcast URL.
+
+An app registers its layer when it starts, so that producers called in the same process
+(a sync endpoint, a thread pool, `asend_image_update` in a handler) publish through the
+app's connection instead of opening their own.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ..settings import Settings
+from .layer import GroupLayer
+
+_layers: dict[str, GroupLayer] = {}
+_lock = threading.Lock()
+
+
+def register(layer: GroupLayer) -> None:
+    with _lock:
+        _layers[layer.settings.broadcast_url] = layer
+
+
+def unregister(layer: GroupLayer) -> None:
+    with _lock:
+        if _layers.get(layer.settings.broadcast_url) is layer:
+            del _layers[layer.settings.broadcast_url]
+
+
+def _prune() -> None:
+    for url, layer in list(_layers.items()):
+        if layer.loop is None or layer.loop.is_closed():
+            del _layers[url]
+
+
+def only_layer() -> GroupLayer | None:
+    """The layer of the one app in this process, if there is exactly one."""
+    with _lock:
+        _prune()
+        return next(iter(_layers.values())) if len(_layers) == 1 else None
+
+
+def find(settings: Settings) -> GroupLayer | None:
+    """The layer of an app of this process on `settings.broadcast_url`, if any."""
+    with _lock:
+        _prune()
+        return _layers.get(settings.broadcast_url)
