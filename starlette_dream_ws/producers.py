@@ -17,11 +17,12 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import functools
 import os
 import selectors
 import threading
-from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar, cast
 
 from .groups import GroupLayer, shared
 from .groups.backends import is_process_local
@@ -29,6 +30,7 @@ from .protocol import dream_group, image_update_message
 from .settings import Settings
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 _lock = threading.Lock()
 
@@ -73,38 +75,41 @@ async def asend_image_update(
     await _publish(settings, layer, dream_group(dream_id), update)
 
 
-def send_image_update(
-    dream_id: int,
-    image_urls: Sequence[str] | None = None,
-    status: str = "processing",
-    message: str | None = None,
-    *,
-    settings: Settings | None = None,
-) -> None:
-    """The sync form of `asend_image_update`, for Celery tasks, threads and scripts."""
-    update = image_update_message(dream_id, image_urls, status, message)
-    _refuse_in_loop_thread()
-    settings, layer = _resolve(settings)
-    coroutine = _publish(settings, layer, dream_group(dream_id), update)
-    if layer is not None and layer.loop is not None and layer.loop.is_running():
-        asyncio.run_coroutine_threadsafe(coroutine, layer.loop).result()
-        return
-    try:
-        _refuse_lone_memory(settings)
-    except RuntimeError:
-        coroutine.close()
-        raise
-    _background_loop().run(coroutine)
+def blocking(
+    publish: Callable[P, Coroutine[Any, Any, None]], name: str, check: Callable[..., object]
+) -> Callable[P, None]:
+    """The sync form of an async publisher (which takes a keyword `settings`), for Celery
+    tasks, threads and scripts: it runs `publish` on the loop of this process's app if one
+    runs in another thread (reusing its connection), else on the process's background loop,
+    and waits for it. `check` validates the arguments (but `settings`) first, wherever it runs."""
+
+    @functools.wraps(publish)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        check(*args, **{key: value for key, value in kwargs.items() if key != "settings"})
+        _refuse_in_loop_thread(publish.__name__)
+        layer = shared.find_running(cast("Settings | None", kwargs.get("settings")))
+        coroutine = publish(*args, **kwargs)
+        if layer is not None and layer.loop is not None:
+            asyncio.run_coroutine_threadsafe(coroutine, layer.loop).result()
+        else:
+            _background_loop().run(coroutine)
+
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = f"The sync form of `{publish.__name__}`, for Celery tasks, threads and scripts."
+    return run
 
 
-def _refuse_in_loop_thread() -> None:
+send_image_update = blocking(asend_image_update, "send_image_update", check=image_update_message)
+
+
+def _refuse_in_loop_thread(async_name: str) -> None:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return
     raise RuntimeError(
-        "send_image_update() cannot be called from a running event loop's thread: "
-        "it would block the loop. Use 'await asend_image_update(...)' there instead."
+        f"the sync form of {async_name}() cannot be called from a running event loop's thread: "
+        f"it would block the loop. Use 'await {async_name}(...)' there instead."
     )
 
 

@@ -45,3 +45,11 @@ def find(settings: Settings) -> GroupLayer | None:
     with _lock:
         _prune()
         return _layers.get(settings.broadcast_url)
+
+
+def find_running(settings: Settings | None) -> GroupLayer | None:
+    """The layer a call with `settings` would use (as `only_layer`/`find`), if its loop runs."""
+    layer = only_layer() if settings is None else find(settings)
+    if layer is None or layer.loop is None or not layer.loop.is_running():
+        return None
+    return layer

@@ -27,6 +27,7 @@ from .dispatch import CLIENT_PREFIX, EVENT_PREFIX, find_handler
 from .frames import BadFrame, decode_frame
 from .heartbeat import overdue
 from .limits import RateLimiter, origin_allowed
+from .logs import log_event
 from .outbox import PING, Outbox
 
 logger = logging.getLogger("starlette_dream_ws.consumer")
@@ -157,17 +158,8 @@ class Consumer(Connection):
         await self.layer.leave(group, self)
 
     def log_event(self, event: str, level: int = logging.INFO, **fields: Any) -> None:
-        """One structured log line: `event key=value ...`, the fields also in `record.dream_ws`.
-
-        Never given a token: paths come without their query string, users by id.
-        """
-        if not logger.isEnabledFor(level):
-            return
-        fields = {"path": self.scope.get("path"), **fields}
-        if self.user is not None:
-            fields.setdefault("user", self.user.id)
-        text = " ".join(f"{key}={value}" for key, value in fields.items())
-        logger.log(level, "%s %s", event, text, extra={"dream_ws": {"event": event, **fields}})
+        """One structured log line (`logs.log_event`), with this connection's path and user."""
+        log_event(self.scope, self.user.id if self.user is not None else None, event, level, **fields)
 
     # -- group events -----------------------------------------------------------------------
 
