@@ -4,9 +4,10 @@
     python bench/run.py --smoke              # tiny sizes: proves the scripts work (seconds)
     python bench/run.py --stacks ours,ceiling --scenarios fanout,throughput
 
-For each stack: a fresh Redis server and one uvicorn worker on 127.0.0.1, then each scenario
-with the load client (`load_client.py`) and the publisher (`publisher.py`) as separate
-processes. Prints one JSON object per scenario and stack, then a Markdown table.
+For each stack: a fresh Redis server and one uvicorn worker on 127.0.0.1 (started and stopped by
+the tests' process harness, `tests/support/`), then each scenario with the load client
+(`load_client.py`) and the publisher (`publisher_process.py`) as separate processes. Prints one
+JSON object per scenario and stack, then a Markdown table.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import dataclasses
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,9 +31,9 @@ import jwt
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.servers import RedisServer  # noqa: E402
+from tests.support.redis import RedisServer  # noqa: E402
+from tests.support.uvicorn import UvicornServer  # noqa: E402
 
-HOST = "127.0.0.1"
 SECRET = "bench-secret-0123456789abcdef-0123456789abcdef"
 STACKS = ("ours", "channels", "ceiling")
 APPS = {
@@ -53,11 +52,10 @@ UVICORN_OPTIONS = [
     "--ws-per-message-deflate",
     "false",
     "--no-access-log",
-    "--log-level",
-    "warning",
     "--backlog",
     "4096",
 ]
+UVICORN_LOG_LEVEL = "warning"
 #: Each stack runs exactly one heartbeat. Ours is the protocol's own (a JSON `ping` every
 #: `heartbeat_interval`, 30 s by default), so uvicorn's WebSocket pings, which would only repeat
 #: it, are off, as docs/deployment.md recommends; the others have none of their own and keep uvicorn's
@@ -128,66 +126,39 @@ def proc_rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return int(probe.getsockname()[1])
-
-
 class Server:
-    """One uvicorn worker serving a stack's app."""
+    """One uvicorn worker serving a stack's app (the tests' `UvicornServer`), started at once."""
 
     def __init__(self, stack: str, redis: RedisServer, workdir: Path) -> None:
         self.stack = stack
         self.redis = redis
-        redis_url = redis.url
-        self.port = free_port()
-        self.log = workdir / f"{stack}.log"
         env = {
-            **os.environ,
-            "BENCH_REDIS_URL": redis_url,
+            "BENCH_REDIS_URL": redis.url,
             "BENCH_JWT_SECRET": SECRET,
             "DJANGO_SETTINGS_MODULE": "bench.servers.channels_app.settings",
             "PYTHONPATH": str(ROOT),
         }
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    APPS[stack],
-                    "--host",
-                    HOST,
-                    "--port",
-                    str(self.port),
-                    *UVICORN_OPTIONS,
-                    *STACK_OPTIONS[stack],
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{stack} server exited:\n{self.log.read_text()}")
-            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), timeout=0.5):
-                break
-            if time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"{stack} server did not listen within 30 s:\n{self.log.read_text()}")
-            time.sleep(0.05)
+        self.uvicorn = UvicornServer(
+            env,
+            APPS[stack],
+            app_dir=ROOT,
+            cwd=ROOT,
+            workdir=workdir / stack,
+            options=[*UVICORN_OPTIONS, *STACK_OPTIONS[stack]],
+            log_level=UVICORN_LOG_LEVEL,
+            # Not every stack has `/health`, and uvicorn's start-up line is an INFO one.
+            ready_when="port",
+        )
+        self.uvicorn.start(timeout=30)
 
     def url(self) -> str:
-        return f"ws://{HOST}:{self.port}/dreams/{{dream}}"
+        return self.uvicorn.ws_url("/dreams/{dream}")
 
     def cpu_seconds(self) -> float:
-        return proc_cpu_seconds(self.process.pid)
+        return proc_cpu_seconds(self.uvicorn.pid)
 
     def rss_kib(self) -> int:
-        return proc_rss_kib(self.process.pid)
+        return proc_rss_kib(self.uvicorn.pid)
 
     async def settle(self, timeout: float = 30.0) -> None:
         """Until the server is at rest (under a tenth of a core over half a second): what one
@@ -200,16 +171,12 @@ class Server:
                 return
 
     def redis_cpu_seconds(self) -> float:
-        process = self.redis._process
+        process = self.redis.process
         return proc_cpu_seconds(process.pid) if process is not None else 0.0
 
     def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        """SIGTERM; SIGKILL if it has not exited 10 s later."""
+        self.uvicorn.stop(timeout=10)
 
 
 class LoadClient:
@@ -292,7 +259,7 @@ class LoadClient:
 async def publish(stack: str, redis_url: str, *args: str) -> dict[str, Any]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        str(ROOT / "bench" / "publisher.py"),
+        str(ROOT / "bench" / "publisher_process.py"),
         "--stack",
         stack,
         "--redis-url",

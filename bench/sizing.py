@@ -2,7 +2,7 @@
 
     python bench/sizing.py [--clients 2000] [--fanout 500]
 
-Starts a Redis server and one uvicorn worker on 127.0.0.1 (the integration tests' helpers),
+Starts a Redis server and one uvicorn worker on 127.0.0.1 (the tests' helpers, tests/support/),
 connects the clients from this process, publishes from a separate producer process, and prints
 one JSON object. Bounded: about 30 s.
 """
@@ -24,7 +24,9 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.servers import RedisServer, UvicornServer, run_producer  # noqa: E402
+from tests.support.producers import run_producer  # noqa: E402
+from tests.support.redis import RedisServer  # noqa: E402
+from tests.support.uvicorn import UvicornServer  # noqa: E402
 
 SECRET = "sizing-secret-0123456789abcdef-0123456789abcdef"
 #: uvicorn options, by its UVICORN_* environment variables (set by --ws/--deflate below).
@@ -77,7 +79,7 @@ async def main(idle: int, fanout: int, updates: int) -> dict[str, object]:
         server = UvicornServer(env, "served_app:app", workdir=Path(tmp) / "uvicorn")
         server.start()
         try:
-            pid = server._process.pid  # type: ignore[union-attr]
+            pid = server.pid
             warm = await open_clients(server, 1, 10, token)  # the layer connects on first use
             base = rss_kib(pid)
             started = time.monotonic()

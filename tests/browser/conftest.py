@@ -3,7 +3,8 @@
 The browser is Debian's `chromium` package (`apt-get install chromium`), never a browser that
 Playwright downloads; `CHROMIUM` may name another binary. Without a browser (or without the
 `playwright` package) the tests are skipped on a developer's machine, and FAIL when the `CI`
-variable is set: a CI that lost its browser must not pass without running them.
+variable is set: a CI that lost its browser must not pass without running them
+(`tests/support/browser.py`).
 
 What the tests leave for a person to look at goes to `test-artifacts/` at the repo root (ignored
 by git): screenshots, the measured timings, and a screenshot of the page of any failed test.
@@ -11,42 +12,22 @@ by git): screenshots, the measured timings, and a screenshot of the page of any 
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
 
-from tests.integration.servers import RedisServer, UvicornServer, _stop, stop_and_check
+from tests.support.browser import CHROMIUM_ARGS, PLAYWRIGHT_TIMEOUT, browser_unavailable, find_chromium
+from tests.support.redis import RedisServer
+from tests.support.tokens import PAGE_JWT_SECRET
+from tests.support.uvicorn import ServerFactory, UvicornServer, stop_and_check
 
 from .live_page import ARTIFACTS, ROOT, SUMMARY, TIMELINE_SCRIPT
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
-
-
-#: What Chromium needs here: root (no sandbox), no GPU, and no traffic of its own (this machine
-#: refuses connections to anything but the registries, and CI's may too). Playwright adds
-#: `--headless` and a fresh, empty `--user-data-dir` of its own to every launch.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-#: HS256 secret of the page server and its token endpoint (>= 32 bytes, as PyJWT wants).
-JWT_SECRET = "browser-tests-secret-0123456789abcdef-0123456789"
-
-#: Milliseconds a Playwright call may wait (a page load, a screenshot) before it fails.
-PLAYWRIGHT_TIMEOUT = 10_000
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -57,28 +38,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 # -- the browser --------------------------------------------------------------------------
-
-
-def find_chromium() -> str | None:
-    """`CHROMIUM` if set, else `chromium` (Debian) or `chromium-browser` on PATH."""
-    configured = os.environ.get("CHROMIUM")
-    if configured:
-        return configured
-    for name in ("chromium", "chromium-browser"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def browser_unavailable(reason: str) -> NoReturn:
-    if in_ci():
-        pytest.fail(f"the browser tests cannot run, and CI is set: {reason}", pytrace=False)
-    pytest.skip(f"no browser: {reason}")
 
 
 @pytest.fixture(scope="package")
@@ -131,14 +90,6 @@ def page(browser: Browser) -> Iterator[Page]:
 # -- servers ------------------------------------------------------------------------------
 
 
-class PageServer(UvicornServer):
-    """A uvicorn process that can also crash: `kill()` sends SIGKILL (no close frame, no shutdown)."""
-
-    def kill(self) -> None:
-        if self._process is not None:
-            _stop(self._process, kill=True)
-
-
 @pytest.fixture(scope="package")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Redis of the package's own: the page server and the producer processes meet there."""
@@ -146,9 +97,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
 
 
-ServerFactory = Callable[..., PageServer]
 #: The servers a test started, for the report of a failed test.
-SERVERS = pytest.StashKey[list[PageServer]]()
+SERVERS = pytest.StashKey[list[UvicornServer]]()
 
 
 @pytest.fixture
@@ -157,14 +107,14 @@ def start_server(redis_url: str, tmp_path: Path, request: pytest.FixtureRequest)
 
     `start_server(app="examples.demo:app", env={...})` serves another app of the repo. Every server
     is stopped after the test, which fails if one did not shut down cleanly."""
-    started: list[PageServer] = []
+    started: list[UvicornServer] = []
     request.node.stash[SERVERS] = started
 
-    def start(app: str = "tests.browser.page_app:app", env: Mapping[str, str] | None = None) -> PageServer:
+    def start(app: str = "tests.browser.page_app:app", env: Mapping[str, str] | None = None) -> UvicornServer:
         with redis.Redis.from_url(redis_url) as client:
             client.flushall()  # the page shows dreams 1, 2 and 3: no state left by another test
-        server_env = {"DREAM_WS_BROADCAST_URL": redis_url, "DREAM_WS_JWT_SECRET": JWT_SECRET, **(env or {})}
-        server = PageServer(server_env, app, mount="/ws", app_dir=ROOT, workdir=tmp_path / f"server-{len(started)}")
+        server_env = {"DREAM_WS_BROADCAST_URL": redis_url, "DREAM_WS_JWT_SECRET": PAGE_JWT_SECRET, **(env or {})}
+        server = UvicornServer(server_env, app, mount="/ws", app_dir=ROOT, workdir=tmp_path / f"server-{len(started)}")
         started.append(server)
         server.start()
         return server

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.integration.servers import free_port
+from tests.support.processes import free_port
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
-    from .conftest import ServerFactory
+    from tests.support.uvicorn import ServerFactory
 
 pytestmark = pytest.mark.browser
 

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.integration.servers import producer_call, run_producer
+from tests.support.producers import producer_call, run_producer
 
 from .live_page import ARTIFACTS, ROOT, Card, all_cards, cards, first_change, record_summary, timeline, wait_for_cards
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page, WebSocket
 
-    from .conftest import ServerFactory
+    from tests.support.uvicorn import ServerFactory
 
 pytestmark = pytest.mark.browser
 

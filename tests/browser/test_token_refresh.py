@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.integration.servers import producer_call, run_producer
+from tests.support.producers import producer_call, run_producer
 
 from .test_client import PRELUDE, run
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
-    from .conftest import ServerFactory
+    from tests.support.uvicorn import ServerFactory
 
 pytestmark = pytest.mark.browser
 

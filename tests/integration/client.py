@@ -10,7 +10,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
-from .servers import UvicornServer
+from tests.support.uvicorn import UvicornServer
 
 #: Seconds any single receive may wait.
 RECEIVE_TIMEOUT = 5.0

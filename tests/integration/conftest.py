@@ -1,29 +1,21 @@
 """Fixtures of the integration suite: one Redis per session, uvicorn servers per module.
 
 The groups backend is configuration only, so the tests of `servers` run once per backend:
-on Redis, then on PostgreSQL (started only when a test needs it)."""
+on Redis, then on PostgreSQL (started only when a test needs it). The helpers the tests import
+live in `tests/support/`."""
 
 from __future__ import annotations
 
-import contextlib
-import time
-import uuid
-from collections.abc import Callable, Generator, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Generator, Iterator
 
-import jwt
 import pytest
 import redis
 
-from .postgres import PostgresServer
-from .servers import RedisServer, UvicornServer, start_all, stop_and_check
-
-#: HS256 secret shared by the servers and the token helper (>= 32 bytes, as PyJWT wants).
-JWT_SECRET = "integration-secret-0123456789abcdef-0123456789"
-OTHER_SECRET = "not-the-servers-secret-0123456789abcdef-987654"
-
-TokenFactory = Callable[..., str]
+from tests.support.postgres import FLUSH_SQL, PostgresServer
+from tests.support.processes import workdir
+from tests.support.redis import RedisServer
+from tests.support.tokens import TokenFactory, mint_token
+from tests.support.uvicorn import UvicornServer, server_env, servers_in, serving
 
 #: The groups backends `servers` runs on (the `backend_url` parameter).
 BACKENDS = ("redis", "postgres")
@@ -54,14 +46,6 @@ def backend_url(request: pytest.FixtureRequest) -> str:
     return server.url
 
 
-#: Empties what the PostgreSQL backend (history, latest states) and state store keep.
-POSTGRES_FLUSH = """DO $$ DECLARE name text; BEGIN
-    FOREACH name IN ARRAY ARRAY['dream_ws_history', 'dream_ws_latest'] LOOP
-        IF to_regclass(name) IS NOT NULL THEN EXECUTE format('TRUNCATE %I', name); END IF;
-    END LOOP;
-END $$"""
-
-
 @pytest.fixture(autouse=True)
 def _flush_backends(redis_server: RedisServer, request: pytest.FixtureRequest) -> None:
     """No test sees the latest states another test recorded."""
@@ -69,37 +53,7 @@ def _flush_backends(redis_server: RedisServer, request: pytest.FixtureRequest) -
         client.flushall()
     callspec = getattr(request.node, "callspec", None)
     if callspec is not None and callspec.params.get("backend_url") == "postgres":
-        request.getfixturevalue("postgres_server").sql(POSTGRES_FLUSH)
-
-
-def server_env(backend_url: str, **extra: str) -> dict[str, str]:
-    """Groups and latest state on `backend_url` (Redis or PostgreSQL), and the tokens' secret."""
-    return {
-        "DREAM_WS_BROADCAST_URL": backend_url,
-        "DREAM_WS_STATE_URL": backend_url,
-        "DREAM_WS_JWT_SECRET": JWT_SECRET,
-        **extra,
-    }
-
-
-@contextlib.contextmanager
-def serving(*servers: UvicornServer) -> Iterator[None]:
-    """Run the servers; afterwards stop them and fail if one did not shut down cleanly."""
-    try:
-        start_all(servers)
-        yield
-    finally:
-        problems = stop_and_check(servers)
-        for server in servers:
-            server.close()
-    assert not problems, "\n".join(problems)
-
-
-def workdir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
-    """A directory for a process's files under pytest's base temp, which pytest rotates.
-
-    Logs stay there for a post-mortem, also when pytest itself was killed."""
-    return tmp_path_factory.mktemp(name)
+        request.getfixturevalue("postgres_server").sql(FLUSH_SQL)
 
 
 @pytest.fixture(scope="module")
@@ -119,21 +73,7 @@ def servers(
 @pytest.fixture
 def make_token() -> TokenFactory:
     """`make_token("u7")`: an HS256 JWT for that user, valid 5 minutes (tune with keywords)."""
-
-    def make(sub: str, *, expires_in: float = 300.0, secret: str = JWT_SECRET, **claims: object) -> str:
-        # A fresh `jti` makes every token unique, so a token found in a log is this one.
-        payload = {"sub": sub, "exp": int(time.time() + expires_in), "jti": uuid.uuid4().hex, **claims}
-        return jwt.encode(payload, secret, algorithm="HS256")
-
-    return make
-
-
-def _servers_in(value: Any) -> list[UvicornServer]:
-    if isinstance(value, UvicornServer):
-        return [value]
-    if isinstance(value, tuple | list):
-        return [server for item in value for server in _servers_in(item)]
-    return []
+    return mint_token
 
 
 @pytest.hookimpl(wrapper=True)
@@ -144,6 +84,6 @@ def pytest_runtest_makereport(
     report = yield
     if report.failed and call.when == "call":
         funcargs = getattr(item, "funcargs", {})
-        for server in (server for value in funcargs.values() for server in _servers_in(value)):
+        for server in (server for value in funcargs.values() for server in servers_in(value)):
             report.sections.append((f"uvicorn {server.base_url} log (tail)", server.log_text()[-4000:]))
     return report

@@ -14,9 +14,11 @@ from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection
 
+from tests.support.producers import ProducerProcess, producer_call, run_producer
+from tests.support.tokens import TokenFactory
+from tests.support.uvicorn import UvicornServer
+
 from .client import Transport, connect_dream, established, recv_json
-from .conftest import TokenFactory
-from .servers import ProducerProcess, UvicornServer, producer_call, run_producer
 
 PACE = 0.025  # seconds between two updates of the producer: a steady stream across the outage
 CLIENTS_PER_SERVER = 3

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from websockets.asyncio.client import ClientConnection
 
+from tests.support.tokens import OTHER_SECRET, TokenFactory
+from tests.support.uvicorn import UvicornServer
+
 from .client import SUBPROTOCOL, TRANSPORTS, Transport, connect_dream, established, expect_close, recv_json
-from .conftest import OTHER_SECRET, TokenFactory
-from .servers import UvicornServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 

@@ -31,10 +31,13 @@ import redis
 from websockets.asyncio.client import ClientConnection
 
 from starlette_dream_ws import PublishError
+from tests.support.processes import POLL_INTERVAL, START_TIMEOUT, clean_env, stop_process
+from tests.support.processes import spawn as spawn_process
+from tests.support.redis import RedisServer
+from tests.support.tokens import TokenFactory
+from tests.support.uvicorn import UvicornServer, server_env, serving
 
 from .client import SUBPROTOCOL, connect_dream, established, recv_json, send_json
-from .conftest import TokenFactory, server_env, serving
-from .servers import POLL_INTERVAL, START_TIMEOUT, RedisServer, UvicornServer, _spawn, _stop, clean_env
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +77,7 @@ class CeleryWorker:
 
     def spawn(self) -> None:
         # The repository root as cwd: `-m` puts it on sys.path, so `examples.celery_app` imports.
-        self.process = _spawn(self.args, env=self.env, log=self.log_path, cwd=ROOT)
+        self.process = spawn_process(self.args, env=self.env, log=self.log_path, cwd=ROOT)
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         assert self.process is not None, "spawn() first"
@@ -95,7 +98,7 @@ class CeleryWorker:
         """SIGTERM (warm shutdown), SIGKILL after a bounded wait; then no process of its group is left."""
         if self.process is None:
             return
-        _stop(self.process, timeout=WORKER_STOP_TIMEOUT)
+        stop_process(self.process, timeout=WORKER_STOP_TIMEOUT)
         # Its own session, so its own process group: pool processes orphaned by a kill end here.
         deadline = time.monotonic() + 5.0
         while _group_alive(self.pid):

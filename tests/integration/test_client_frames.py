@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.tokens import TokenFactory
+from tests.support.uvicorn import UvicornServer
+
 from .client import connect_dream, established, expect_close, recv_json, send_json
-from .conftest import TokenFactory
-from .servers import UvicornServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 

@@ -10,9 +10,12 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection
 
+from tests.support.processes import workdir
+from tests.support.redis import RedisServer
+from tests.support.tokens import TokenFactory
+from tests.support.uvicorn import UvicornServer, server_env, serving
+
 from .client import connect_dream, established, expect_close, recv_json, send_json
-from .conftest import TokenFactory, server_env, serving, workdir
-from .servers import RedisServer, UvicornServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 

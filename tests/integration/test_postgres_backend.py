@@ -23,8 +23,7 @@ from starlette_dream_ws.groups.backends.postgres import (
     PostgresBackend,
 )
 from starlette_dream_ws.settings import Settings
-
-from .postgres import PostgresServer
+from tests.support.postgres import PostgresServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 

@@ -8,7 +8,8 @@ import sys
 import pytest
 import redis
 
-from .servers import RedisServer, clean_env
+from tests.support.processes import clean_env
+from tests.support.redis import RedisServer
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,12 @@ import time
 import pytest
 import redis
 
+from tests.support.producers import producer_call, run_producer
+from tests.support.redis import RedisServer
+from tests.support.tokens import TokenFactory
+from tests.support.uvicorn import UvicornServer
+
 from .client import connect_dream, established, recv_json, send_json
-from .conftest import TokenFactory
-from .servers import RedisServer, UvicornServer, producer_call, run_producer
 
 pytestmark = pytest.mark.integration
 

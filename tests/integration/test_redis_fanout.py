@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
+from tests.support.producers import producer_call, run_producer
+from tests.support.tokens import TokenFactory
+from tests.support.uvicorn import UvicornServer
+
 from .client import SUBPROTOCOL, connect_dream, established, recv_json
-from .conftest import TokenFactory
-from .servers import UvicornServer, producer_call, run_producer
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 

@@ -8,10 +8,14 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.processes import workdir
+from tests.support.producers import ProducerProcess, producer_call, run_producer
+from tests.support.redis import RedisServer
+from tests.support.tokens import TokenFactory
+from tests.support.uvicorn import UvicornServer, server_env, serving
+
 from .client import connect_dream, established, recv_json, send_json
-from .conftest import TokenFactory, server_env, serving, workdir
 from .outage import check_delivery_across_outage
-from .servers import ProducerProcess, RedisServer, UvicornServer, producer_call, run_producer
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 

@@ -15,8 +15,7 @@ from starlette_dream_ws import GroupLayer, Settings
 from starlette_dream_ws.groups import BackendConnectionLost
 from starlette_dream_ws.groups.backends import redis as redis_backend
 from starlette_dream_ws.groups.backends.redis import MAX_BATCH, RedisBackend
-
-from .servers import RedisServer
+from tests.support.redis import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 

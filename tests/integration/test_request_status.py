@@ -6,9 +6,11 @@ import asyncio
 
 import pytest
 
+from tests.support.producers import producer_call, run_producer
+from tests.support.tokens import TokenFactory
+from tests.support.uvicorn import UvicornServer
+
 from .client import connect_dream, established, recv_json, send_json
-from .conftest import TokenFactory
-from .servers import UvicornServer, producer_call, run_producer
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 

