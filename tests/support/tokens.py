@@ -15,6 +15,9 @@ OTHER_SECRET = "not-the-servers-secret-0123456789abcdef-987654"
 #: HS256 secret of the browser tests' page server and its token endpoint.
 PAGE_JWT_SECRET = "browser-tests-secret-0123456789abcdef-0123456789"
 
+#: HS256 secret of the unit tests' in-process apps.
+UNIT_SECRET = "unit-test-secret-with-at-least-32-bytes"
+
 #: `make_token("u7")` (the fixture): `mint_token` or a function like it.
 TokenFactory = Callable[..., str]
 

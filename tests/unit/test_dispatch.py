@@ -8,8 +8,7 @@ import pytest
 
 from starlette_dream_ws import CloseCodes, CloseConnection, Consumer, ConsumerApp
 from starlette_dream_ws.testing import ConsumerTestClient
-
-from .conftest import SECRET
+from tests.support.tokens import UNIT_SECRET as SECRET
 
 pytestmark = pytest.mark.anyio
 

@@ -55,8 +55,7 @@ from hypothesis import strategies as st
 from starlette_dream_ws import DreamWebSocketApp, asend_image_update
 from starlette_dream_ws.server.dreams import DreamImagesConsumer
 from starlette_dream_ws.testing import ClientConnection, ConsumerTestClient
-
-from .conftest import SECRET
+from tests.support.tokens import UNIT_SECRET as SECRET
 
 MakeApp = Callable[..., DreamWebSocketApp]
 

@@ -12,8 +12,8 @@ import pytest
 
 from starlette_dream_ws import DreamWebSocketApp
 from starlette_dream_ws.testing import ConsumerTestClient
-
-from .conftest import SECRET, owner_only
+from tests.support.authorizers import owner_only
+from tests.support.tokens import UNIT_SECRET as SECRET
 
 pytestmark = pytest.mark.anyio
 

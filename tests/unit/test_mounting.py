@@ -21,8 +21,7 @@ from starlette.routing import Mount, Route
 
 from starlette_dream_ws import DreamWebSocketApp, allow_any_authenticated_user, asend_image_update, send_image_update
 from starlette_dream_ws.testing import ConsumerTestClient
-
-from .conftest import SECRET
+from tests.support.tokens import UNIT_SECRET as SECRET
 
 pytestmark = pytest.mark.anyio
 
