@@ -6,8 +6,11 @@ producers all speak through these names, so a message is shaped in exactly one p
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
+import re
+import secrets
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +45,54 @@ class ImageStatus(enum.StrEnum):
 
 
 STATUSES = frozenset(status.value for status in ImageStatus)
+
+
+_EPOCH = re.compile(r"[A-Za-z0-9_-]{1,32}")
+#: Largest `seq` a client may name (JavaScript's largest safe integer).
+MAX_SEQ = 2**53 - 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Position:
+    """Where an update stands in its group's history: `seq` counts the group's updates (1 for
+    the first) within one unbroken history named `epoch`. Text form: `<epoch>:<seq>`."""
+
+    epoch: str
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.epoch}:{self.seq}"
+
+    def follows(self, other: Position | None) -> bool:
+        """Whether this position comes after `other`: a later `seq` of the same epoch, or any
+        position of another epoch (that history was lost; this one is what is true now)."""
+        return other is None or self.epoch != other.epoch or self.seq > other.seq
+
+    @classmethod
+    def parse(cls, text: str) -> Position:
+        """`<epoch>:<seq>` as a position; `ValueError` for anything else."""
+        epoch, sep, seq = text.rpartition(":")
+        if not sep or not _EPOCH.fullmatch(epoch) or not seq.isascii() or not seq.isdigit() or len(seq) > 16:
+            raise ValueError("a position is <epoch>:<seq>")
+        value = int(seq)
+        if value > MAX_SEQ:
+            raise ValueError("seq is too large")
+        return cls(epoch, value)
+
+
+def new_epoch() -> str:
+    """A fresh epoch name: 11 URL-safe characters, unguessable, so two histories never share one."""
+    return secrets.token_urlsafe(8)
+
+
+def with_position(content: dict[str, Any], text: str, position: Position) -> tuple[dict[str, Any], str]:
+    """A group event and its JSON text with `seq` and `epoch` added. The text is spliced, not
+    encoded again, when it is a plain JSON object without them (as producers publish it)."""
+    splice = text.startswith("{") and not text.startswith("{}") and "seq" not in content and "epoch" not in content
+    content = {**content, "seq": position.seq, "epoch": position.epoch}
+    if splice:
+        return content, f'{{"seq":{position.seq},"epoch":"{position.epoch}",{text[1:]}'
+    return content, encode(content)
 
 
 def encode(message: dict[str, Any]) -> str:

@@ -114,6 +114,7 @@ async def test_demo_token_is_accepted_by_the_websocket(fast_worker: None) -> Non
         async with connect(client, 2, token) as ws:
             assert ws.subprotocol == SUBPROTOCOL  # the token is never echoed
             greeting = await ws.receive_json(timeout=TIMEOUT)
+            assert isinstance(greeting.pop("epoch"), str) and isinstance(greeting.pop("seq"), int)
             assert greeting == {
                 "type": "connection_established",
                 "dream_id": 2,

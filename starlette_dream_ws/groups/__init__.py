@@ -1,7 +1,8 @@
 """Groups: membership and fan-out in each process, on one backend contract (`contract.py`),
 with one backend per file in `backends/`. Depends on `protocol` and `settings` only."""
 
-from .contract import Backend, BackendConnectionLost, Position, Published
+from ..protocol import Position
+from .contract import Backend, BackendConnectionLost, History, Published
 from .events import GroupEvent
 from .layer import GroupLayer
 from .membership import Member
@@ -13,6 +14,7 @@ __all__ = [
     "BackendUnavailable",
     "GroupEvent",
     "GroupLayer",
+    "History",
     "Member",
     "Position",
     "PublishError",

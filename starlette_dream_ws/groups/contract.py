@@ -2,12 +2,12 @@
 
 A backend is one connection (or a few) to a broker, owned by one `GroupLayer` on one event
 loop. It publishes text to channels, delivers what is published to the channels it is
-subscribed to, and keeps each channel's recent history, so that a layer that lost its
-connection can deliver what it missed, and the newest message is the channel's latest state.
+subscribed to, and keeps each channel's recent history.
 
-Every message a backend delivers carries its *position* in its channel's history. Positions
-are the backend's business; the layer only compares two positions of the same channel
-(`later > earlier`), so each backend may encode them as it likes, as tuples of integers.
+Every message a backend accepts gets a *position* (`protocol.Position`), assigned atomically
+with the publish so that every process sees the same one: `seq` counts the channel's messages
+from 1, within one unbroken history named `epoch`. A backend starts a new epoch (and `seq`
+from 1) whenever it has lost a channel's history: expired, or a broker restarted empty.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-#: A message's place in its channel's history: ordered within one channel, opaque otherwise.
-Position = tuple[int, ...]
+from ..protocol import Position
 
 
 class BackendConnectionLost(ConnectionError):
@@ -32,6 +31,23 @@ class Published:
     text: str
     #: None for a message put on the channel by someone else, without history.
     position: Position | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class History:
+    """A channel's current position and the kept messages after a given one, oldest first."""
+
+    current: Position
+    messages: Sequence[Published]
+
+    def complete_after(self, position: Position) -> bool:
+        """Whether `messages` are every message after `position`: nothing was lost in between."""
+        if position.epoch != self.current.epoch or position.seq > self.current.seq:
+            return False
+        if not self.messages:
+            return position.seq == self.current.seq
+        first = self.messages[0].position
+        return first is not None and first.seq == position.seq + 1
 
 
 class Backend(Protocol):
@@ -49,20 +65,23 @@ class Backend(Protocol):
 
     async def unsubscribe(self, channels: Sequence[str]) -> None: ...
 
-    async def publish(self, channel: str, text: str) -> None:
-        """Append `text` to the channel's history and deliver it to every subscriber, atomically."""
+    async def publish(self, channel: str, text: str) -> Position:
+        """Give `text` the channel's next position, keep it in the channel's history and deliver
+        it to every subscriber, all at once; returns the position."""
 
     async def next_published(self) -> Published:
         """The next message on a subscribed channel; raises `BackendConnectionLost` when the
         connection is gone (after delivering what arrived before)."""
 
-    async def history(self, channel: str, after: Position | None) -> Sequence[Published]:
-        """The kept messages of `channel` later than `after` (all of them for None), oldest first."""
+    async def history(self, channel: str, after: Position | None) -> History:
+        """The channel's current position, and its kept messages later than `after` (all of
+        them when `after` is None or of another epoch), oldest first."""
 
-    async def last_positions(self, channels: Sequence[str]) -> Sequence[Position | None]:
-        """The position of each channel's newest kept message (None where nothing is kept)."""
+    async def positions(self, channels: Sequence[str]) -> Sequence[Position]:
+        """Each channel's current position (`seq` 0 and a new epoch for a channel that has
+        none yet: a client can resume from it)."""
 
-    async def latest(self, channel: str) -> str | None:
+    async def latest(self, channel: str) -> Published | None:
         """The newest kept message of `channel`: the group's latest state."""
 
 
@@ -70,14 +89,18 @@ class Backend(Protocol):
 BackendFactory = Callable[[str], Backend]
 
 
-def split_position(data: str, parse: Callable[[str], Position]) -> tuple[Position | None, str]:
-    """A live message as brokers that carry no metadata deliver it, `"<position> <text>"`,
-    split with the backend's own `parse`; a message without a position (published by
-    someone else) comes back whole, with None."""
+def split_position(data: str) -> tuple[Position | None, str]:
+    """A live message as brokers that carry no metadata deliver it, `"<epoch>:<seq> <text>"`;
+    a message without a position (published by someone else) comes back whole, with None."""
     head, sep, rest = data.partition(" ")
-    if sep and head[:1].isdigit():
+    if sep and ":" in head:
         try:
-            return parse(head), rest
+            return Position.parse(head), rest
         except ValueError:
             pass
     return None, data
+
+
+def with_position_prefix(position: Position, text: str) -> str:
+    """The reverse of `split_position`."""
+    return f"{position} {text}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
+from ..protocol import Position
+
 
 class GroupEvent(dict[str, Any]):
     """A group event as members get it, with the JSON text it arrived as.
@@ -13,11 +15,15 @@ class GroupEvent(dict[str, Any]):
     is decoded and encoded once per process, however many connections receive it.
     """
 
-    __slots__ = ("frame", "text")
+    __slots__ = ("frame", "group", "position", "text")
 
-    def __init__(self, content: dict[str, Any], text: str) -> None:
+    def __init__(self, content: dict[str, Any], text: str, group: str = "", position: Position | None = None) -> None:
         super().__init__(content)
         self.text = text
+        #: The group it was published to, and its place in the group's history (None: published
+        #: without one, by someone else).
+        self.group = group
+        self.position = position
         #: What a transport made of `text` (an ASGI message), kept for the next connection.
         self.frame: Any = None
 

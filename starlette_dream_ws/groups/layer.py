@@ -10,22 +10,36 @@ and a lost backend connection is re-established by the reader task (`recovery.py
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-from ..protocol import encode
+from ..protocol import Position, encode
 from ..settings import Settings
 from ..tasks import cancel_and_wait, quietly
 from .backends import create_backend
 from .contract import Backend, BackendFactory
-from .membership import Group, Member
+from .events import GroupEvent
+from .membership import Group, Member, decode
 from .publishing import BackendUnavailable, PublishError, PublishMetrics, retrying
 from .recovery import reconnect, resubscribe
 from .subscriptions import Change, Subscriber
 
 logger = logging.getLogger("starlette_dream_ws.layer")
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Replay:
+    """A group's messages after a position, for a member that resumes."""
+
+    current: Position
+    events: list[GroupEvent]
+    #: Whether `events` are every message after the position asked for: nothing was lost.
+    complete: bool
 
 
 class GroupLayer:
@@ -97,7 +111,7 @@ class GroupLayer:
                 await quietly(backend.disconnect())
                 raise BackendUnavailable(f"cannot connect to the groups backend: {type(exc).__name__}") from exc
             self.backend = backend
-            self._reader = loop.create_task(self._read(), name="dream-ws layer reader")
+            self._reader = loop.create_task(self._listen(), name="dream-ws layer reader")
             assert self._subscriber is not None
             self._subscriber.start()
             if self.groups:
@@ -137,6 +151,11 @@ class GroupLayer:
             await quietly(backend.disconnect())
 
     # -- groups -----------------------------------------------------------------------------
+
+    def position(self, group: str) -> Position | None:
+        """The position of the newest event of `group` this process knows (None: not joined)."""
+        entry = self.groups.get(group)
+        return entry.position if entry is not None else None
 
     def local_members(self, group: str) -> int:
         entry = self.groups.get(group)
@@ -189,48 +208,55 @@ class GroupLayer:
 
     # -- publishing -------------------------------------------------------------------------
 
-    async def publish(self, group: str, message: dict[str, Any]) -> None:
-        """Send `message` to every member of `group` in every process, retrying with backoff.
+    async def publish(self, group: str, message: dict[str, Any]) -> Position:
+        """Send `message` to every member of `group` in every process, retrying with backoff;
+        returns the position the backend gave it.
 
         The backend also keeps it in the group's history (its latest state for `latest()`).
         Raises `PublishError` once every retry has failed.
         """
         text = encode(message)
 
-        async def attempt() -> None:
+        async def attempt() -> Position:
             await self.connect()
             await self.wait_healthy()
             backend = self.backend
             if backend is None:
                 raise BackendUnavailable("the groups backend is reconnecting")
-            await backend.publish(group, text)
+            return await backend.publish(group, text)
 
         metrics = self.publish_metrics
         started = time.perf_counter()
         try:
-            await retrying(attempt, self.settings, metrics, what=f"publish to {group}")
+            position = await retrying(attempt, self.settings, metrics, what=f"publish to {group}")
         except PublishError:
             metrics.failed(group)
             raise
         metrics.published += 1
         metrics.seconds.observe(time.perf_counter() - started)
+        return position
 
-    async def latest(self, group: str) -> dict[str, Any] | None:
-        """The group's latest published message, or None."""
+    async def latest(self, group: str) -> GroupEvent | None:
+        """The group's latest published message, with its position; None if it has none."""
+        published = await self._read(lambda backend: backend.latest(group))
+        return None if published is None else decode(published)
 
-        async def read() -> str | None:
+    async def replay(self, group: str, after: Position) -> Replay:
+        """What a member that has seen `after` missed: the kept messages after it, oldest first."""
+        history = await self._read(lambda backend: backend.history(group, after))
+        events = [event for event in map(decode, history.messages) if event is not None]
+        return Replay(history.current, events, history.complete_after(after))
+
+    async def _read(self, read: Callable[[Backend], Awaitable[T]]) -> T:
+        async def attempt() -> T:
             await self.connect()
             backend = self.backend
             if backend is None:
                 raise BackendUnavailable("the groups backend is reconnecting")
-            return await backend.latest(group)
+            return await read(backend)
 
         async with asyncio.timeout(self.settings.publish_timeout):
-            text = await read()
-        if text is None:
-            return None
-        value = json.loads(text)
-        return value if isinstance(value, dict) else None
+            return await attempt()
 
     # -- the reader -------------------------------------------------------------------------
 
@@ -244,7 +270,7 @@ class GroupLayer:
         except TimeoutError:
             raise BackendUnavailable("the groups backend is reconnecting") from None
 
-    async def _read(self) -> None:
+    async def _listen(self) -> None:
         try:
             while True:
                 backend = self.backend

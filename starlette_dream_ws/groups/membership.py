@@ -7,7 +7,8 @@ import json
 import logging
 from typing import Any, Protocol
 
-from .contract import Position, Published
+from ..protocol import Position, with_position
+from .contract import History, Published
 from .events import GroupEvent
 
 logger = logging.getLogger("starlette_dream_ws.layer")
@@ -38,7 +39,7 @@ class Group:
 
     def advance(self, position: Position | None) -> None:
         """Note `position` as delivered (an older one is ignored: positions only move forward)."""
-        if position is not None and (self.position is None or position > self.position):
+        if position is not None and position.follows(self.position):
             self.position = position
 
     def receive(self, published: Published) -> bool:
@@ -51,7 +52,7 @@ class Group:
                 else:
                     logger.error("backlog of %s is full while catching up; dropped an event", published.channel)
                 return False
-            if self.position is not None and not position > self.position:
+            if not position.follows(self.position):
                 return False  # already delivered by a catch-up
             self.position = position
         event = decode(published)
@@ -65,20 +66,30 @@ class Group:
                 logger.exception("delivering to a member of %s failed", published.channel)
         return True
 
-    def catch_up(self, missed: list[Published]) -> int:
-        """Deliver what was missed, then what was held meanwhile, in order; how many were new."""
+    def catch_up(self, history: History) -> int:
+        """Deliver what was missed, then what was held meanwhile, in order; how many were new.
+
+        Where the history is of another epoch than what was delivered (the backend lost it),
+        its messages are all new, and the group goes on from its current position.
+        """
         held, self.backlog = self.backlog or [], None
-        return sum(self.receive(published) for published in [*missed, *held])
+        delivered = sum(self.receive(published) for published in [*history.messages, *held])
+        self.advance(history.current)
+        return delivered
 
 
 def decode(published: Published) -> GroupEvent | None:
-    """The event members get: decoded once for all of them; None (logged) for junk."""
+    """The event members get, with its `seq` and `epoch`: decoded once for all of them; None
+    (logged) for junk."""
     try:
         decoded = json.loads(published.text)
     except (TypeError, ValueError, RecursionError):
         logger.warning("dropped a message on %s that is not JSON text", published.channel)
         return None
-    if isinstance(decoded, dict) and isinstance(decoded.get("type"), str):
-        return GroupEvent(decoded, published.text)
-    logger.warning("dropped a message on %s without a string 'type'", published.channel)
-    return None
+    if not isinstance(decoded, dict) or not isinstance(decoded.get("type"), str):
+        logger.warning("dropped a message on %s without a string 'type'", published.channel)
+        return None
+    text = published.text
+    if published.position is not None:
+        decoded, text = with_position(decoded, text, published.position)
+    return GroupEvent(decoded, text, published.channel, published.position)

@@ -72,9 +72,9 @@ async def resubscribe(layer: GroupLayer) -> None:
                     group.backlog = []
                 await backend.subscribe([name for name, _ in batch])
                 for name, group in batch:
-                    missed = list(await backend.history(name, group.position))
+                    history = await backend.history(name, group.position)
                     if layer.groups.get(name) is group:
-                        caught_up += group.catch_up(missed)
+                        caught_up += group.catch_up(history)
                     else:
                         group.backlog = None
     except Exception as exc:

@@ -121,7 +121,7 @@ async def subscribe_with_baselines(backend: Backend, batch: Sequence[tuple[str, 
     reconnect starts there, never earlier (members joined now want nothing older)."""
     names = [name for name, _ in batch]
     await backend.subscribe(names)
-    for (_, group), position in zip(batch, await backend.last_positions(names), strict=True):
+    for (_, group), position in zip(batch, await backend.positions(names), strict=True):
         group.advance(position)
 
 

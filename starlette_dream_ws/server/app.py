@@ -36,7 +36,7 @@ from starlette.types import Receive, Scope, Send
 from ..groups import BackendUnavailable, GroupLayer, shared
 from ..protocol import CloseCodes
 from ..settings import Settings
-from . import redaction
+from . import redaction, sse
 from .auth import TokenVerifier
 from .connection import CloseConnection
 from .consumer import Consumer
@@ -81,8 +81,10 @@ class ConsumerApp:
             authorize=authorize,
             consumers=consumers,
         )
-        # Consumer routes are matched in __call__, before the router (which serves the rest).
+        # Consumer routes are matched in __call__, before the router (which serves the rest):
+        # each consumer at its path over WebSocket, and at `<path>/events` as an event stream.
         self._consumer_routes = [WebSocketRoute(path, cls) for path, cls in routes.items()]
+        self._stream_routes = [(Route(sse.events_path(path), _no_endpoint), cls) for path, cls in routes.items()]
         self.router = Router(
             routes=[
                 Route("/dream-ws.js", self._client_script, methods=["GET", "HEAD"]),
@@ -105,6 +107,21 @@ class ConsumerApp:
                         await self.start()
                     await route.endpoint(scope, receive, send, self.context).run()
                     return
+        elif scope["type"] == "http":
+            for stream_route, consumer in self._stream_routes:
+                match, child_scope = stream_route.matches(scope)
+                if match is Match.NONE:
+                    continue
+                if not sse.accepts(scope):
+                    for message in sse.not_allowed():
+                        await send(message)
+                    return
+                scope.update(child_scope)
+                with contextlib.suppress(BackendUnavailable):
+                    await self.start()
+                stream = sse.EventStream(receive, send)
+                await consumer(scope, stream.receive, stream.send, self.context).run()
+                return
         await self.router(scope, receive, send)
 
     async def start(self) -> None:
@@ -192,6 +209,10 @@ class ConsumerApp:
         if not self.settings.metrics:
             return PlainTextResponse("Not Found", status_code=404)
         return PlainTextResponse(self.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def _no_endpoint(request: Request) -> Response:
+    raise AssertionError("stream routes are only matched, never called")
 
 
 @contextlib.contextmanager

@@ -21,18 +21,24 @@ from .metrics import ConnectionMetrics
 logger = logging.getLogger("starlette_dream_ws.consumer")
 
 
-class ConnectionState(enum.Enum):
-    #: The client asked to connect; nothing has been sent.
-    CONNECTING = "connecting"
-    #: Accepted; the handshake hooks are still running, so group events wait.
-    ACCEPTED = "accepted"
-    #: Group events flow.
-    OPEN = "open"
-    #: A close was asked for; the error and the close frame are on their way.
-    CLOSING = "closing"
-    #: The close frame is sent, the client is gone or the connection was dropped.
-    CLOSED = "closed"
+class ConnectionState(enum.IntEnum):
+    """In the order a connection goes through them (an `IntEnum`: the checks on the hot path
+    of every fan-out are integer comparisons, not calls of `Enum.__hash__`)."""
 
+    #: The client asked to connect; nothing has been sent.
+    CONNECTING = 0
+    #: Accepted; the handshake hooks are still running, so group events wait.
+    ACCEPTED = 1
+    #: Group events flow.
+    OPEN = 2
+    #: A close was asked for; the error and the close frame are on their way.
+    CLOSING = 3
+    #: The close frame is sent, the client is gone or the connection was dropped.
+    CLOSED = 4
+
+
+# Module-level names for the checks on the hot path (no lookup on the enum class each time).
+_ACCEPTED, _OPEN, _CLOSING = ConnectionState.ACCEPTED, ConnectionState.OPEN, ConnectionState.CLOSING
 
 _TRANSITIONS = {
     ConnectionState.CONNECTING: {ConnectionState.ACCEPTED, ConnectionState.CLOSED},  # closed: refused
@@ -41,7 +47,14 @@ _TRANSITIONS = {
     ConnectionState.CLOSING: {ConnectionState.CLOSED},
     ConnectionState.CLOSED: set(),
 }
-_SENDING = frozenset({ConnectionState.ACCEPTED, ConnectionState.OPEN, ConnectionState.CLOSING})
+
+
+def _frame(event: GroupEvent) -> dict[str, Any]:
+    """One ASGI message for every connection of the process that sends this event."""
+    frame = event.frame
+    if frame is None:
+        frame = event.frame = {"type": "websocket.send", "text": event.text}
+    return frame  # type: ignore[no-any-return]
 
 
 class CloseConnection(Exception):
@@ -61,7 +74,17 @@ class Connection:
     subprotocol: str | None = None
 
     # Slots: there is one per open connection.
-    __slots__ = ("_metrics", "_receive", "_send", "close_code", "close_reason", "closing_since", "scope", "state")
+    __slots__ = (
+        "_metrics",
+        "_receive",
+        "_send",
+        "_sent",
+        "close_code",
+        "close_reason",
+        "closing_since",
+        "scope",
+        "state",
+    )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, metrics: ConnectionMetrics) -> None:
         self.scope = scope
@@ -75,6 +98,9 @@ class Connection:
         self._receive = receive
         self._send = send
         self._metrics = metrics
+        #: The newest group event sent, per group (made at the first one: most connections
+        #: sit idle and never need it).
+        self._sent: dict[str, GroupEvent] | None = None
 
     def _move(self, to: ConnectionState) -> None:
         if to not in _TRANSITIONS[self.state]:
@@ -84,11 +110,12 @@ class Connection:
     @property
     def accepting_events(self) -> bool:
         """Whether group events may still be buffered for this connection."""
-        return self.close_reason is None and self.state in (
-            ConnectionState.CONNECTING,
-            ConnectionState.ACCEPTED,
-            ConnectionState.OPEN,
-        )
+        return self.close_reason is None and self.state <= _OPEN
+
+    @property
+    def sending(self) -> bool:
+        """Whether frames may be sent: accepted, and no close frame sent yet."""
+        return _ACCEPTED <= self.state <= _CLOSING
 
     def offered_subprotocols(self) -> list[str]:
         return [str(p).strip() for p in self.scope.get("subprotocols") or []]
@@ -124,14 +151,37 @@ class Connection:
             return True
         return False
 
+    def last_sent(self, group: str) -> GroupEvent | None:
+        """The newest event of `group` this connection has sent."""
+        return self._sent.get(group) if self._sent is not None else None
+
+    def _is_new(self, event: GroupEvent) -> bool:
+        """Whether `event` comes after every event of its group sent here; noted as sent if so.
+        On one connection, positions never go back: an update that is not newer is not sent."""
+        if event.position is None:
+            return True
+        sent = self._sent
+        if sent is None:
+            sent = self._sent = {}
+        last = sent.get(event.group)
+        if last is not None and not event.position.follows(last.position):
+            return False
+        sent[event.group] = event
+        return True
+
+    async def send_latest(self, event: GroupEvent) -> None:
+        """Send `event` as a group's latest state, or the newer one already sent if it is older:
+        the answer is never older than what the connection has seen."""
+        if not self._is_new(event):
+            event = self.last_sent(event.group) or event
+        await self.send_frame(_frame(event))
+
     async def send_json(self, content: dict[str, Any]) -> None:
-        """Send `content` as JSON text; a group event is sent as the text it arrived as."""
+        """Send `content` as JSON text; a group event is sent as the text it arrived as, and only
+        if it is newer than what this connection has sent of its group."""
         if type(content) is GroupEvent:
-            frame = content.frame
-            if frame is None:
-                # One ASGI message for every connection of the process that sends this event.
-                frame = content.frame = {"type": "websocket.send", "text": content.text}
-            await self.send_frame(frame)
+            if content.position is None or self._is_new(content):
+                await self.send_frame(content.frame or _frame(content))
         else:
             await self.send_frame({"type": "websocket.send", "text": encode(content)})
 
@@ -142,7 +192,7 @@ class Connection:
         await self.send_json(error_message(code, message))
 
     async def send_frame(self, message: dict[str, Any]) -> None:
-        if self.state not in _SENDING:
+        if not _ACCEPTED <= self.state <= _CLOSING:
             return
         try:
             await self._send(message)

@@ -18,17 +18,19 @@ from starlette.requests import HTTPConnection
 from starlette.types import Message, Receive, Scope, Send
 
 from ..groups import BackendUnavailable, GroupLayer
-from ..protocol import CloseCodes
+from ..protocol import CloseCodes, Position
 from ..settings import Settings
 from .auth import AuthenticationFailed, User, extract_token
 from .connection import CloseConnection, Connection, ConnectionState
 from .context import ConsumerContext
-from .dispatch import CLIENT_PREFIX, EVENT_PREFIX, find_handler
+from .dispatch import CLIENT_PREFIX, EVENT_PREFIX, Handler, find_handler
 from .frames import BadFrame, decode_frame
 from .heartbeat import overdue
 from .limits import RateLimiter, origin_allowed
 from .logs import log_event
 from .outbox import PING, Outbox
+from .resume import Resumption, resume
+from .sse import is_event_stream
 
 logger = logging.getLogger("starlette_dream_ws.consumer")
 
@@ -153,6 +155,11 @@ class Consumer(Connection):
         if group not in self.groups:
             self.groups = (*self.groups, group)
 
+    async def resume(self, group: str, since: Position) -> Resumption:
+        """After `group_add`: what a client that has seen `since` missed of `group` (send the
+        greeting with `recovered`, then these events; live ones follow, never older)."""
+        return await resume(self.layer, group, since)
+
     async def group_discard(self, group: str) -> None:
         self.groups = tuple(g for g in self.groups if g != group)
         await self.layer.leave(group, self)
@@ -167,21 +174,14 @@ class Consumer(Connection):
         """Queue a group event for this connection (called by the layer, never blocks)."""
         self.outbox.put(event)
 
-    async def dispatch_event(self, event: dict[str, Any]) -> None:
-        """Hand a group event to its handler (the outbox calls this when it is its turn)."""
-        kind = event["type"]
-        handler = find_handler(self, EVENT_PREFIX, kind, Consumer)
-        if handler is None:
-            logger.warning("no handler for group event type %r", kind[:64])
-            await self.send_error("unknown_event", f"no handler for event type {kind[:64]!r}")
-            return
-        try:
-            await handler(event)
-        except CloseConnection as exc:
-            await self.close_with(exc)
-            self.stop_reading()
-        except Exception:
-            logger.exception("handler for group event %r failed", kind[:64])
+    def event_handler(self, kind: str) -> Handler | None:
+        """The handler of a group event `type` (the outbox awaits it when it is the event's turn)."""
+        return find_handler(self, EVENT_PREFIX, kind, Consumer)
+
+    async def unknown_event(self, event: dict[str, Any]) -> None:
+        kind = event["type"][:64]
+        logger.warning("no handler for group event type %r", kind)
+        await self.send_error("unknown_event", f"no handler for event type {kind!r}")
 
     def close_soon(self, reason: CloseConnection) -> None:
         """Close from outside the reader (timers, the layer): sends an error and closes."""
@@ -201,7 +201,9 @@ class Consumer(Connection):
                 self._abandon()
             return
         expires_at = self.user.expires_at if self.user is not None else None
-        reason = overdue(self._last_seen, expires_at, now, self.settings)
+        # An event stream's client sends nothing: the end of its request is what says it left.
+        last_seen = now if is_event_stream(self.scope) else self._last_seen
+        reason = overdue(last_seen, expires_at, now, self.settings)
         if reason is not None:
             self.close_soon(reason)
         elif now >= self._next_ping:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..groups import GroupEvent
 from ..protocol import SUBPROTOCOL, CloseCodes, dream_group
 from ..settings import ConfigurationError, Settings
 from .app import ConsumerApp
 from .auth import Authorizer, call_authorizer
 from .connection import CloseConnection
 from .consumer import Consumer
+from .outbox import StatusAnswer
+from .resume import requested_position
 
 
 class DreamImagesConsumer(Consumer):
@@ -39,15 +42,26 @@ class DreamImagesConsumer(Consumer):
     async def connect(self) -> None:
         if self.dream_id <= 0:
             raise CloseConnection(CloseCodes.POLICY_VIOLATION, "invalid_dream_id", "dream ids are positive integers")
+        since = requested_position(self.scope)
         await super().connect()
-        await self.group_add(self.group_name)
-        await self.send_json(
-            {
-                "type": "connection_established",
-                "dream_id": self.dream_id,
-                "heartbeat_interval": self.settings.heartbeat_interval,
-            }
-        )
+        group = self.group_name
+        await self.group_add(group)
+        greeting: dict[str, Any] = {
+            "type": "connection_established",
+            "dream_id": self.dream_id,
+            "heartbeat_interval": self.settings.heartbeat_interval,
+        }
+        events: list[GroupEvent] = []
+        position = self.layer.position(group)
+        if since is not None:
+            resumed = await self.resume(group, since)
+            greeting["recovered"], events = resumed.recovered, resumed.events
+            position = resumed.current if resumed.current.follows(position) else position
+        if position is not None:
+            greeting["epoch"], greeting["seq"] = position.epoch, position.seq
+        await self.send_json(greeting)
+        for event in events:
+            await self.send_json(event)
 
     # -- group events -----------------------------------------------------------------------
 
@@ -87,9 +101,12 @@ class DreamImagesConsumer(Consumer):
             await self.send_error("unavailable", "the latest status cannot be read right now")
             return
         if latest is None:
+            latest = self.last_sent(self.group_name)
+        if latest is None:
             await self.send_error("status_unknown", "no update has been recorded for this dream yet")
             return
-        await self.send_json(latest)
+        # Through the outbox, in order with the live updates: the answer is never older.
+        self.outbox.put_now(StatusAnswer(latest))
 
     async def receive_refresh_token(self, content: dict[str, Any]) -> None:
         """Replace the connection's token before it expires; it must name the same user."""

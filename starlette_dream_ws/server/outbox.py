@@ -14,8 +14,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..groups import GroupEvent
 from ..tasks import cancel_and_wait
-from .connection import ConnectionState
+from .connection import CloseConnection, ConnectionState
 from .eager import start_eagerly
 
 if TYPE_CHECKING:
@@ -27,12 +28,29 @@ logger = logging.getLogger("starlette_dream_ws.consumer")
 PING: dict[str, Any] = {"type": "ping"}
 
 
+class StatusAnswer(dict[str, Any]):
+    """A buffer entry: answer with this group event as the latest state (`send_latest`). In
+    the buffer, so that it goes out in order with the group's live events, never between the
+    decision to send one and its send."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event: GroupEvent) -> None:
+        super().__init__()
+        self.event = event
+
+
 class OutboxState(enum.Enum):
     IDLE = "idle"
     #: Will be flushed on the next pass of the loop.
     SCHEDULED = "scheduled"
     #: Being flushed (possibly waiting in a task for a slow client).
     SENDING = "sending"
+
+
+# Module-level names for the hot path of every fan-out: a lookup on an enum class costs a call.
+_IDLE, _SCHEDULED, _SENDING = OutboxState.IDLE, OutboxState.SCHEDULED, OutboxState.SENDING
+_OPEN, _CLOSED = ConnectionState.OPEN, ConnectionState.CLOSED
 
 
 class Outbox:
@@ -42,7 +60,7 @@ class Outbox:
 
     def __init__(self, consumer: Consumer) -> None:
         self._consumer = consumer
-        self._state = OutboxState.IDLE
+        self._state = _IDLE
         #: The oldest waiting event when it is the only one (no list is made for one).
         self._next: dict[str, Any] | None = None
         #: Events waiting after `_next`, oldest first (a list, made only when more than one waits:
@@ -60,7 +78,7 @@ class Outbox:
             # Sent on the next pass rather than now: a burst of events (a backend read returns
             # many) then goes out connection by connection, several frames in a row, which
             # costs both ends far less than one frame per connection in turn.
-            self._state = OutboxState.SCHEDULED
+            self._state = _SCHEDULED
             self._consumer.context.scheduler.soon(self)
 
     def put_now(self, event: dict[str, Any]) -> None:
@@ -72,7 +90,7 @@ class Outbox:
     def _add(self, event: dict[str, Any]) -> bool:
         """Add `event` to the buffer; whether a flush should be started for it."""
         consumer = self._consumer
-        if not consumer.accepting_events:
+        if consumer.close_reason is not None or consumer.state > _OPEN:
             return False
         events = self._events
         if self._next is None and not events:
@@ -85,47 +103,57 @@ class Outbox:
                 consumer.too_slow()
                 return False
             events.append(event)
-        return consumer.state is ConnectionState.OPEN and self._state is OutboxState.IDLE
+        return consumer.state is _OPEN and self._state is _IDLE
 
     def flush(self) -> None:
         """Send what waits now, unless a flush is under way (it will send it)."""
-        if self._state is OutboxState.SENDING:
+        if self._state is _SENDING:
             return
-        if self._consumer.state is ConnectionState.CLOSED:
-            self._state = OutboxState.IDLE
+        if self._consumer.state is _CLOSED:
+            self._state = _IDLE
             return
-        self._state = OutboxState.SENDING
+        self._state = _SENDING
         self._task = start_eagerly(self._send_all())
 
     def flush_scheduled(self) -> None:
-        if self._state is OutboxState.SCHEDULED:
-            self._state = OutboxState.IDLE
+        if self._state is _SCHEDULED:
+            self._state = _IDLE
             self.flush()
-
-    def _take(self) -> dict[str, Any] | None:
-        current = self._next
-        if current is not None:
-            self._next = None
-        elif self._events:
-            current = self._events.pop(0)  # at most `max_pending_events`: a short move
-        return current
 
     async def _send_all(self) -> None:
         consumer = self._consumer
         try:
             while consumer.close_reason is None:
-                current = self._take()
-                if current is None:
+                current = self._next
+                if current is not None:
+                    self._next = None
+                elif self._events:
+                    current = self._events.pop(0)  # at most `max_pending_events`: a short move
+                else:
                     break
                 if current is PING:
                     await consumer.send_json({"type": "ping", "timestamp": time.time()})
+                elif type(current) is StatusAnswer:
+                    await consumer.send_latest(current.event)
                 else:
-                    await consumer.dispatch_event(current)
+                    # The hot path of every fan-out: the handler is awaited here, not through
+                    # one more coroutine.
+                    handler = consumer.event_handler(current["type"])
+                    if handler is None:
+                        await consumer.unknown_event(current)
+                        continue
+                    try:
+                        await handler(current)
+                    except CloseConnection as exc:
+                        await consumer.close_with(exc)
+                        consumer.stop_reading()
+                    except Exception:
+                        logger.exception("handler for group event %r failed", current["type"][:64])
             if consumer.close_reason is not None:
                 await consumer.close_with(consumer.close_reason)
                 consumer.stop_reading()
         finally:
-            self._state = OutboxState.IDLE
+            self._state = _IDLE
             self._task = None
             if not self._events:
                 self._events = None  # most connections are idle: hold no buffer for them

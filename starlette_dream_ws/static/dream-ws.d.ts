@@ -1,4 +1,4 @@
-// Types of dream-ws.js, the browser client of starlette_dream_ws (wire protocol v1).
+// Types of dream-ws.js, the browser client of starlette_dream_ws (wire protocol v1.1).
 
 export type ConnectionState = 'connecting' | 'open' | 'reconnecting' | 'closed' | 'auth_failed';
 
@@ -16,11 +16,22 @@ export interface Message {
   [field: string]: unknown;
 }
 
+/** Where an update stands in its dream's history: `seq` counts within one `epoch`. */
+export interface Position {
+  epoch: string;
+  seq: number;
+}
+
 export interface ConnectionEstablished extends Message {
   type: 'connection_established';
   dream_id: number;
   /** Seconds between the server's pings. */
   heartbeat_interval: number;
+  /** The dream's current position (`seq` 0 before its first update). */
+  epoch: string;
+  seq: number;
+  /** When the client resumed: whether every missed update follows (else the latest state). */
+  recovered?: boolean;
 }
 
 export interface ImageUpdate extends Message {
@@ -32,6 +43,8 @@ export interface ImageUpdate extends Message {
   /** Seconds since the epoch, set by the producer. */
   timestamp: number;
   message: string | null;
+  seq: number;
+  epoch: string;
 }
 
 /** The answer to `refresh_token`: the connection now runs on the new token. */
@@ -64,6 +77,10 @@ export interface StateChange {
   delay?: number;
   /** The server's last `error` message (state `auth_failed`). */
   error?: ErrorMessage | null;
+  /** State `open` after a resume: true, every missed update follows; false, the latest state. */
+  recovered?: boolean | null;
+  /** State `open`: the transport in use. */
+  transport?: 'websocket' | 'sse';
 }
 
 export interface DreamSocketEvents {
@@ -107,8 +124,17 @@ export interface DreamSocketOptions {
   stableAfter?: number;
   /** Connect right away (default true). */
   autoConnect?: boolean;
+  /**
+   * `auto` (default): WebSocket, then Server-Sent Events once WebSocket failed `sseAfter` times
+   * in a row without ever opening; or one of them only.
+   */
+  transport?: 'auto' | 'websocket' | 'sse';
+  /** WebSocket failures in a row before `auto` falls back to SSE (default 3). */
+  sseAfter?: number;
   /** WebSocket implementation (tests, non-browser hosts). */
   WebSocket?: typeof WebSocket;
+  /** EventSource implementation. */
+  EventSource?: typeof EventSource;
 }
 
 export class DreamSocket {
@@ -120,6 +146,11 @@ export class DreamSocket {
   readonly state: ConnectionState;
   readonly lastUpdate: ImageUpdate | null;
   readonly lastError: ErrorMessage | null;
+  /** The position of the last update applied; reconnects resume from it. */
+  readonly position: Position | null;
+  /** Whether the last connect resumed every missed update (null: it did not resume). */
+  readonly recovered: boolean | null;
+  readonly transport: 'websocket' | 'sse';
   on<K extends keyof DreamSocketEvents>(type: K, callback: (event: DreamSocketEvents[K]) => void): () => void;
   on(type: string, callback: (event: Message) => void): () => void;
   off<K extends keyof DreamSocketEvents>(type: K, callback: (event: DreamSocketEvents[K]) => void): void;

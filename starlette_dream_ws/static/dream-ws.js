@@ -1,12 +1,17 @@
-// dream-ws.js: the browser client of starlette_dream_ws (wire protocol v1). No dependencies.
+// dream-ws.js: the browser client of starlette_dream_ws (wire protocol v1.1). No dependencies.
 //
 //   import { DreamSocket } from '/ws/dream-ws.js';
 //   const socket = new DreamSocket({ dreamId: 42, getToken: fetchToken });
 //   socket.on('image_update', (update) => render(update));
-//   socket.on('state', ({ state }) => showConnection(state));
+//   socket.on('state', ({ state, recovered }) => showConnection(state, recovered));
 //
 // With `getToken`, the token of an open connection is also renewed (`refresh_token`) shortly
 // before its `exp`, so that the server does not close a long-lived connection with 4401.
+//
+// The client keeps the position (`epoch`, `seq`) of the last update it applied, resumes from it
+// on every reconnect (`since`: the server sends what was missed, or the latest state), and never
+// applies an update that is not newer. Where WebSocket cannot connect, it falls back to
+// Server-Sent Events with the same events.
 
 const SUBPROTOCOL = 'dream-ws.v1';
 const TOKEN_PREFIX = 'dream-ws.bearer.';
@@ -25,6 +30,8 @@ const MAX_DELAY = 2 ** 31 - 1;
 
 /** @typedef {'connecting' | 'open' | 'reconnecting' | 'closed' | 'auth_failed'} ConnectionState */
 
+/** Where an update stands in its dream's history. @typedef {{ epoch: string, seq: number }} Position */
+
 /**
  * A server message: always a string `type`, other fields as the protocol says.
  * @typedef {{ type: string, [field: string]: any }} Message
@@ -38,9 +45,11 @@ const MAX_DELAY = 2 ** 31 - 1;
 /**
  * What a `state` listener gets. `code`/`reason` are those of the close that caused the change;
  * `attempt` and `delay` (ms) describe a scheduled reconnect; `error` is the server's last
- * `error` message (why authentication failed).
+ * `error` message (why authentication failed). On `open`: `transport`, and `recovered` after a
+ * reconnect that resumed (true: every missed update follows; false: the latest state follows).
  * @typedef {{ state: ConnectionState, code?: number, reason?: string, attempt?: number,
- *   delay?: number, error?: ErrorMessage | null }} StateChange
+ *   delay?: number, error?: ErrorMessage | null, recovered?: boolean | null,
+ *   transport?: 'websocket' | 'sse' }} StateChange
  */
 
 /**
@@ -62,7 +71,11 @@ const MAX_DELAY = 2 ** 31 - 1;
  * @property {number} [stableAfter=10000] ms a connection must last for the backoff to start over.
  * @property {boolean} [autoConnect=true] Connect right away (after the current task, so that
  *   listeners added just after `new` see every event).
+ * @property {'auto' | 'websocket' | 'sse'} [transport='auto'] `auto`: WebSocket, and Server-Sent
+ *   Events once WebSocket has failed `sseAfter` times in a row without ever opening.
+ * @property {number} [sseAfter=3] WebSocket failures in a row before `auto` falls back to SSE.
  * @property {typeof WebSocket} [WebSocket] WebSocket implementation (tests, non-browser hosts).
+ * @property {typeof EventSource} [EventSource] EventSource implementation.
  */
 
 /** @returns {string} */
@@ -121,6 +134,8 @@ export class DreamSocket {
       backoffMax: 15000,
       stableAfter: 10000,
       refreshMargin: 60000,
+      transport: 'auto',
+      sseAfter: 3,
       ...options,
     };
     /** @readonly */
@@ -133,11 +148,20 @@ export class DreamSocket {
     this.lastUpdate = null;
     /** @type {ErrorMessage | null} The latest `error` from the server (status_unknown excepted). */
     this.lastError = null;
+    /** @type {Position | null} The position of the last update applied: resumed from on reconnect. */
+    this.position = null;
+    /** @type {boolean | null} Whether the last connect resumed every missed update (null: no resume). */
+    this.recovered = null;
+    /** @type {'websocket' | 'sse'} */
+    this.transport = this.options.transport === 'sse' ? 'sse' : 'websocket';
 
     /** @type {Map<string, Set<(event: any) => void>>} */
     this._listeners = new Map();
     /** @type {WebSocket | null} */
     this._ws = null;
+    /** @type {EventSource | null} */
+    this._es = null;
+    this._neverOpened = 0; // WebSocket attempts in a row that closed before opening
     this._run = 0; // bumped by close(): a connect still awaiting getToken() then gives up
     this._stopped = true;
     this._attempt = 0; // failed connections in a row: the backoff exponent
@@ -245,6 +269,10 @@ export class DreamSocket {
     }
     if (run !== this._run) return; // closed while waiting for the token
     if (typeof token === 'string') token = token.trim(); // e.g. read with `response.text()`
+    if (this.transport === 'sse') {
+      this._openEvents(run, token);
+      return;
+    }
     if (token && !SUBPROTOCOL_TOKEN.test(token)) {
       // Not a JWT, and `new WebSocket` would throw on it: refused as the server refuses a bad token.
       this.lastError = { type: 'error', code: 'invalid_token', message: 'the token has characters a JWT never has' };
@@ -258,7 +286,7 @@ export class DreamSocket {
     try {
       // The token travels as a subprotocol, which keeps it out of URLs and access logs; the
       // server selects only `dream-ws.v1`, never echoing the token.
-      ws = new WS(this.url, token ? [SUBPROTOCOL, TOKEN_PREFIX + token] : [SUBPROTOCOL]);
+      ws = new WS(this.url + this._since('?'), token ? [SUBPROTOCOL, TOKEN_PREFIX + token] : [SUBPROTOCOL]);
     } catch (error) {
       // The browser refused to even try (a URL it rejects, mixed content): say so, try again later.
       this._emit('error', { type: 'error', code: 'connect_failed', message: String(/** @type {any} */ (error)?.message ?? error) });
@@ -277,9 +305,58 @@ export class DreamSocket {
     this._armWatchdog();
   }
 
+  /**
+   * `since=<epoch>:<seq>` after `prefix`, when there is a position to resume from.
+   * @param {string} prefix
+   */
+  _since(prefix) {
+    const position = this.position;
+    return position ? `${prefix}since=${encodeURIComponent(`${position.epoch}:${position.seq}`)}` : '';
+  }
+
+  /**
+   * The same dream as Server-Sent Events: the token in the query (EventSource sends no headers),
+   * `EventSource` resumes by itself with `Last-Event-ID`; no pings to answer, no renewal in place.
+   * @param {number} run
+   * @param {string | undefined} token
+   */
+  _openEvents(run, token) {
+    const ES = this.options.EventSource ?? globalThis.EventSource;
+    const base = this.url.replace(/^ws(s?):/, 'http$1:');
+    const query = (token ? `?token=${encodeURIComponent(token)}` : '') + this._since(token ? '&' : '?');
+    /** @type {EventSource} */
+    let es;
+    try {
+      es = new ES(`${base}/events${query}`);
+    } catch (error) {
+      this._emit('error', { type: 'error', code: 'connect_failed', message: String(/** @type {any} */ (error)?.message ?? error) });
+      if (run === this._run) this._scheduleReconnect({});
+      return;
+    }
+    this._es = es;
+    /** @param {MessageEvent} event */
+    const onEvent = (event) => {
+      if (this._es === es) this._onMessage(event.data);
+    };
+    for (const type of ['connection_established', 'image_update', 'token_refreshed']) es.addEventListener(type, onEvent);
+    es.addEventListener('error', (event) => {
+      if (this._es !== es) return;
+      // The server's `error` event has data; a failed connection has none.
+      if (/** @type {MessageEvent} */ (event).data !== undefined) {
+        onEvent(/** @type {MessageEvent} */ (event));
+      } else if (es.readyState === 2) {
+        // Refused (not a 200 event stream): EventSource gives up; we retry with a fresh token.
+        this._onClose(1006, 'event stream failed');
+      } else if (this.state === 'open') {
+        // EventSource reconnects by itself and resumes with Last-Event-ID.
+        this._setState({ state: 'reconnecting', transport: 'sse' });
+      }
+    });
+  }
+
   /** @param {unknown} data */
   _onMessage(data) {
-    this._armWatchdog(); // any frame shows the connection is alive
+    if (this._ws) this._armWatchdog(); // any frame shows the connection is alive
     let message;
     try {
       message = JSON.parse(String(data));
@@ -289,27 +366,42 @@ export class DreamSocket {
     if (!message || typeof message.type !== 'string') return;
     let quiet = false;
     switch (message.type) {
-      case 'connection_established':
+      case 'connection_established': {
         this._openedAt = Date.now();
         this._authRetried = false;
+        this._neverOpened = 0;
         this.lastError = null;
-        this._interval = Number(message.heartbeat_interval) * 1000 || this.options.heartbeatInterval;
-        clearInterval(this._pingTimer);
-        this._pingTimer = setInterval(() => this.send({ type: 'ping', timestamp: Date.now() / 1000 }), this._interval);
-        this._armWatchdog();
-        this._setState({ state: 'open' });
-        this.requestStatus(); // catch up on whatever happened while we were away
-        this._scheduleRefresh(this._expiresAt);
+        this.recovered = typeof message.recovered === 'boolean' ? message.recovered : null;
+        if (this.position && message.epoch !== this.position.epoch && this.recovered === null) this.position = null;
+        if (this._ws) {
+          this._interval = Number(message.heartbeat_interval) * 1000 || this.options.heartbeatInterval;
+          clearInterval(this._pingTimer);
+          this._pingTimer = setInterval(() => this.send({ type: 'ping', timestamp: Date.now() / 1000 }), this._interval);
+          this._armWatchdog();
+        }
+        this._setState({ state: 'open', recovered: this.recovered, transport: this.transport });
+        // Not resuming: ask what is true now. Resuming, the server sends what was missed or
+        // the latest state by itself.
+        if (this.recovered === null) this.requestStatus();
+        if (this._ws) this._scheduleRefresh(this._expiresAt);
         break;
+      }
       case 'token_refreshed':
         this._scheduleRefresh(typeof message.expires_at === 'number' ? message.expires_at * 1000 : null);
         break;
       case 'ping':
         this.send('timestamp' in message ? { type: 'pong', timestamp: message.timestamp } : { type: 'pong' });
         break;
-      case 'image_update':
+      case 'image_update': {
+        const position = this.position;
+        const fresh = typeof message.seq === 'number' && typeof message.epoch === 'string';
+        // Never an older status over a newer one: an update of the same history that is not
+        // newer than the last applied one is dropped (a status answer may repeat it).
+        if (fresh && position && message.epoch === position.epoch && message.seq <= position.seq) return;
+        if (fresh) this.position = { epoch: message.epoch, seq: message.seq };
         this.lastUpdate = message;
         break;
+      }
       case 'error':
         // The answer to request_status for a dream with no update yet: nothing went wrong.
         quiet = message.code === 'status_unknown';
@@ -325,8 +417,16 @@ export class DreamSocket {
    * @param {string} reason
    */
   _onClose(code, reason) {
+    const opened = this._openedAt !== 0;
+    const websocket = this._ws !== null;
     this._dropSocket();
     if (this._stopped) return;
+    if (websocket && !opened && code !== UNAUTHENTICATED && code !== FORBIDDEN) {
+      // WebSocket blocked on the way (a proxy, a firewall)? After a few tries, use SSE.
+      this._neverOpened += 1;
+      const ES = this.options.EventSource ?? globalThis.EventSource;
+      if (this.options.transport === 'auto' && ES && this._neverOpened >= this.options.sseAfter) this.transport = 'sse';
+    }
     if (code === UNAUTHENTICATED || code === FORBIDDEN) {
       // Retrying cannot mend a refusal, except an expired token that getToken() can renew.
       if (code === UNAUTHENTICATED && this.options.getToken && !this._authRetried) {
@@ -424,6 +524,8 @@ export class DreamSocket {
     this._interval = 0;
     this._expiresAt = null;
     this._ws = null;
+    this._es?.close();
+    this._es = null;
   }
 
   _stop() {

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.support.browser import run_in_page
 from tests.support.processes import free_port
 
 if TYPE_CHECKING:
@@ -21,23 +22,9 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.browser
 
-#: Defines `DreamSocket`, `until(check, ms)` (resolves when `check()` holds, rejects after `ms`) and
-#: `pause(ms)` for the scenario that follows; the scenario's `return` is the test's result.
-PRELUDE = """
-const { DreamSocket } = await import('/ws/dream-ws.js');
-const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-async function until(check, ms, what) {
-  for (const end = Date.now() + ms; !check(); await pause(5)) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-  }
-}
-"""
-
 
 def run(page: Page, base_url: str, scenario: str, arg: Any = None) -> Any:
-    """Run `scenario` (the body of an async function of `arg`, after PRELUDE) in a page of `base_url`."""
-    page.goto(f"{base_url}/ws/health")  # any page of the origin: the module is imported by the script
-    return page.evaluate(f"async (arg) => {{ {PRELUDE}\n{scenario} }}", arg)
+    return run_in_page(page, base_url, scenario, arg)
 
 
 def test_a_token_with_surrounding_whitespace_connects(page: Page, start_server: ServerFactory) -> None:

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.support.browser import PRELUDE
+from tests.support.browser import run_in_page as run
 from tests.support.producers import producer_call, run_producer
-
-from .test_client import PRELUDE, run
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page

@@ -363,7 +363,7 @@ def check_updates(
     """Every stage of the dream, in order, with every field right; nothing of another dream."""
     assert [(m["status"], m["images"], m["message"]) for m in received] == expected, (dream_id, received)
     for message in received:
-        assert set(message) == {"type", "dream_id", "status", "images", "timestamp", "message"}, message
+        assert set(message) == {"type", "dream_id", "status", "images", "timestamp", "message", "seq", "epoch"}, message
         assert message["type"] == "image_update" and message["dream_id"] == dream_id, message
         # Stamped by the worker when it published.
         assert since <= message["timestamp"] <= until, (message, since, until)

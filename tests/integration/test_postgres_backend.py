@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from starlette_dream_ws.groups import BackendConnectionLost, GroupLayer, Published
+from starlette_dream_ws.groups import BackendConnectionLost, GroupLayer, Position, Published
 from starlette_dream_ws.groups.backends.postgres import (
     MAX_CHANNEL_BYTES,
     MAX_MESSAGE_BYTES,
@@ -68,13 +68,17 @@ async def next_event(backend: PostgresBackend) -> Published:
 
 
 def position(event: Published) -> int:
-    assert event.position is not None and len(event.position) == 1, event.position
-    return event.position[0]
+    assert event.position is not None, event
+    return event.position.seq
 
 
-async def last_id(backend: PostgresBackend, channel: str) -> int | None:
-    (newest,) = await backend.last_positions([channel])
-    return None if newest is None else newest[0]
+async def latest_text(backend: PostgresBackend, channel: str) -> str | None:
+    latest = await backend.latest(channel)
+    return None if latest is None else latest.text
+
+
+async def texts(backend: PostgresBackend, channel: str, after: Position | None = None) -> list[str]:
+    return [event.text for event in (await backend.history(channel, after)).messages]
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = TIMEOUT) -> None:
@@ -107,17 +111,19 @@ async def test_published_messages_arrive_in_order_and_are_kept_as_history(url: s
             await backend.publish(channel, text)
         received = [await next_event(backend) for _ in texts]
         assert [(event.channel, event.text) for event in received] == [(channel, text) for text in texts]
-        ids = [position(event) for event in received]
-        assert ids == sorted(set(ids))
+        assert [position(event) for event in received] == [1, 2, 3]
+        epoch = received[0].position.epoch if received[0].position else ""
+        assert {event.position.epoch for event in received if event.position} == {epoch}
 
-        assert await backend.latest(channel) == texts[-1]
-        assert await last_id(backend, channel) == ids[-1]
-        assert [(e.text, e.position) for e in await backend.history(channel, None)] == [
-            (e.text, e.position) for e in received
-        ]
-        assert [e.text for e in await backend.history(channel, (ids[0],))] == texts[1:]
-        assert await backend.history(channel, (ids[-1],)) == []
-        assert await backend.latest(unique("nobody")) is None and await last_id(backend, unique("nobody")) is None
+        assert await latest_text(backend, channel) == texts[-1]
+        history = await backend.history(channel, None)
+        assert history.current == Position(epoch, 3)
+        assert [(e.text, e.position) for e in history.messages] == [(e.text, e.position) for e in received]
+        assert [e.text for e in (await backend.history(channel, Position(epoch, 1))).messages] == texts[1:]
+        assert (await backend.history(channel, Position(epoch, 3))).messages == []
+        assert await backend.latest(unique("nobody")) is None
+        (fresh,) = await backend.positions([unique("nobody")])
+        assert fresh.seq == 0 and fresh.epoch
 
 
 async def test_a_message_from_another_process_reaches_every_listener(url: str) -> None:
@@ -172,10 +178,9 @@ async def test_concurrent_publishes_and_subscribes_share_no_connection_and_keep_
         )
         received = [await next_event(backend) for _ in range(50)]
         assert sorted(int(event.text) for event in received) == list(range(50))
-        # Concurrent publishers of one group take turns: ids grow in the order NOTIFY delivers.
-        ids = [position(event) for event in received]
-        assert ids == sorted(ids)
-        assert [e.position for e in await publisher.history(channel, None)] == [(i,) for i in ids]
+        # Concurrent publishers of one group take turns: seqs grow in the order NOTIFY delivers.
+        assert [position(event) for event in received] == list(range(1, 51))
+        assert [e.position for e in (await publisher.history(channel, None)).messages] == [e.position for e in received]
 
 
 async def test_a_message_too_big_for_notify_is_refused_before_anything_is_sent(url: str, admin: Any) -> None:
@@ -199,7 +204,7 @@ async def test_a_message_too_big_for_notify_is_refused_before_anything_is_sent(u
             await backend.publish(channel, b"bytes")
         await backend.publish(channel, "small")
         assert (await next_event(backend)).text == "small"  # nothing was sent in between
-        assert await backend.latest(channel) == "small"
+        assert await latest_text(backend, channel) == "small"
 
 
 # -- a lost connection --------------------------------------------------------------------
@@ -280,9 +285,9 @@ async def test_history_keeps_the_newest_messages_of_each_group(url: str) -> None
         for n in range(5):
             await backend.publish(channel, str(n))
         await backend.publish(other, "other")
-        assert [event.text for event in await backend.history(channel, None)] == ["2", "3", "4"]
-        assert [event.text for event in await backend.history(other, None)] == ["other"]
-        assert await backend.latest(channel) == "4"
+        assert await texts(backend, channel) == ["2", "3", "4"]
+        assert await texts(backend, other) == ["other"]
+        assert await latest_text(backend, channel) == "4"
 
 
 async def test_history_expires_and_is_purged(url: str, admin: Any) -> None:
@@ -291,14 +296,15 @@ async def test_history_expires_and_is_purged(url: str, admin: Any) -> None:
     await backend.connect()
     try:
         channel = unique("short_lived")
-        await backend.publish(channel, "soon gone")
-        assert await backend.latest(channel) == "soon gone"
+        first = await backend.publish(channel, "soon gone")
+        assert await latest_text(backend, channel) == "soon gone"
 
         async def expired() -> bool:
             return await backend.latest(channel) is None
 
         await eventually(expired)
-        assert await last_id(backend, channel) is None and await backend.history(channel, None) == []
+        history = await backend.history(channel, None)
+        assert history.messages == [] and history.current.epoch != first.epoch
         # The expired row is still there until a publish (to any group) purges it.
         assert await admin.fetchval(f'SELECT count(*) FROM "{table}" WHERE grp = $1', channel) == 1
         await backend.publish(unique("another"), "x")
@@ -313,24 +319,25 @@ async def test_backends_connecting_at_once_create_their_table_once(url: str) -> 
     try:
         await asyncio.gather(*(backend.connect() for backend in backends))
         await backends[3].publish("g", "x")
-        assert await backends[7].latest("g") == "x"
+        assert await latest_text(backends[7], "g") == "x"
     finally:
         await asyncio.gather(*(backend.disconnect() for backend in backends))
 
 
-async def test_ids_keep_growing_when_the_table_is_emptied(url: str, admin: Any) -> None:
-    """As Redis stream ids after a restart without data: a listener's last id stays behind new ones."""
+async def test_a_lost_history_starts_a_new_epoch(url: str, admin: Any) -> None:
+    """As Redis restarted without data: the positions are gone, so are the seqs they counted."""
     table = unique("history")
     backend = PostgresBackend(url, table=table)
     await backend.connect()
     try:
         channel = unique("emptied")
         await backend.publish(channel, "first")
-        first = await last_id(backend, channel)
-        await admin.execute(f'TRUNCATE "{table}"')
-        await backend.publish(channel, "second")
-        second = await last_id(backend, channel)
-        assert first is not None and second is not None and int(second) > int(first)
+        first = await backend.publish(channel, "second")
+        await admin.execute(f'TRUNCATE "{table}", "{table}_positions"')
+        again = await backend.publish(channel, "third")
+        assert (first.seq, again.seq) == (2, 1) and again.epoch != first.epoch
+        assert await texts(backend, channel, first) == ["third"]
+        assert not (await backend.history(channel, first)).complete_after(first)
     finally:
         await backend.disconnect()
 
@@ -366,6 +373,7 @@ async def test_the_layer_reconnects_and_delivers_what_was_published_meanwhile(ur
             got = [(await asyncio.wait_for(inbox.events.get(), TIMEOUT))["n"] for _ in range(20)]
             assert got == list(range(1, 21))  # each once, in order
             assert layer.reconnects == 1 and layer.healthy
-            assert await layer.latest(group) == {"type": "n", "n": 20}
+            latest = await layer.latest(group)
+            assert latest is not None and (latest["n"], latest["seq"]) == (20, 21)
     finally:
         await layer.disconnect()

@@ -8,6 +8,7 @@ import sys
 import pytest
 import redis
 
+from starlette_dream_ws.groups.backends.redis import keys as redis_keys
 from tests.support.processes import clean_env
 from tests.support.redis import RedisServer
 
@@ -43,6 +44,6 @@ def test_publishing_after_a_child_exits_is_neither_slow_nor_doubled(redis_server
     # next publish then timed out (5 s) and was retried, so it was published twice.
     assert seconds < 1.0, done.stderr
     with redis.Redis.from_url(redis_server.url) as client:
-        history = client.xrange("dream_ws:history:dream_images_1")
+        history = client.xrange(redis_keys("dream_images_1")[1])
     assert [fields[b"m"].count(b"fork") for _, fields in history] == [1, 1]
     assert b"after fork" in history[-1][1][b"m"]

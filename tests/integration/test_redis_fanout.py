@@ -27,7 +27,8 @@ UPDATES = [
 
 def assert_update(received: dict[str, Any], sent: dict[str, Any], since: float, until: float) -> None:
     """Every field of an `image_update` per PROTOCOL.md, and nothing else."""
-    assert set(received) == {"type", "dream_id", "status", "images", "timestamp", "message"}, received
+    assert set(received) == {"type", "dream_id", "status", "images", "timestamp", "message", "seq", "epoch"}, received
+    assert isinstance(received["seq"], int) and received["seq"] >= 1 and isinstance(received["epoch"], str)
     assert received["type"] == "image_update"
     assert received["dream_id"] == sent["dream_id"]
     assert received["status"] == sent["status"]
@@ -68,6 +69,8 @@ async def test_updates_reach_every_client_of_the_dream_on_both_servers(
                 assert_update(got, sent, since, until)
             stamps = [message["timestamp"] for message in received]
             assert stamps == sorted(stamps)
+            seqs = [message["seq"] for message in received]
+            assert seqs == list(range(seqs[0], seqs[0] + len(UPDATES)))
             seen.append(received)
         # The very same messages everywhere: one publish each, fanned out by each server.
         assert all(received == seen[0] for received in seen)

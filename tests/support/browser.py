@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -52,3 +52,22 @@ def browser_unavailable(reason: str) -> NoReturn:
     if in_ci():
         pytest.fail(f"the browser tests cannot run, and CI is set: {reason}", pytrace=False)
     pytest.skip(f"no browser: {reason}")
+
+
+#: Defines `DreamSocket`, `until(check, ms)` (resolves when `check()` holds, rejects after `ms`) and
+#: `pause(ms)` for the scenario that follows; the scenario's `return` is the test's result.
+PRELUDE = """
+const { DreamSocket } = await import('/ws/dream-ws.js');
+const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+async function until(check, ms, what) {
+  for (const end = Date.now() + ms; !check(); await pause(5)) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+  }
+}
+"""
+
+
+def run_in_page(page: Any, base_url: str, scenario: str, arg: Any = None) -> Any:
+    """Run `scenario` (the body of an async function of `arg`, after PRELUDE) in a page of `base_url`."""
+    page.goto(f"{base_url}/ws/health")  # any page of the origin: the module is imported by the script
+    return page.evaluate(f"async (arg) => {{ {PRELUDE}\n{scenario} }}", arg)

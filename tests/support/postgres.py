@@ -44,7 +44,7 @@ UNPRIVILEGED_USER = "nobody"
 
 #: Empties what the PostgreSQL backend (history, latest states) and state store keep.
 FLUSH_SQL = """DO $$ DECLARE name text; BEGIN
-    FOREACH name IN ARRAY ARRAY['dream_ws_history', 'dream_ws_latest'] LOOP
+    FOREACH name IN ARRAY ARRAY['dream_ws_messages', 'dream_ws_messages_positions'] LOOP
         IF to_regclass(name) IS NOT NULL THEN EXECUTE format('TRUNCATE %I', name); END IF;
     END LOOP;
 END $$"""

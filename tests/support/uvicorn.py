@@ -136,6 +136,18 @@ class UvicornServer(ServerProcess):
             time.sleep(POLL_INTERVAL * 2)
         raise AssertionError(f"backend_connected is not {connected} after {timeout}s; last /health: {last}")
 
+    def wait_reconnected(self, reconnects_before: int, timeout: float = 15.0) -> dict[str, Any]:
+        """Poll `/health` until the backend is connected again after a loss (its reconnect count
+        is past `reconnects_before`); returns that body."""
+        deadline = time.monotonic() + timeout
+        while True:
+            body = self.wait_backend_connected(max(0.1, deadline - time.monotonic()))
+            if body["backend_reconnects"] > reconnects_before:
+                return body
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no reconnect after {timeout}s; last /health: {body}")
+            time.sleep(POLL_INTERVAL * 2)
+
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM, a graceful shutdown (SIGKILL after `timeout`); `returncode` stays readable."""
         if self._process is not None:

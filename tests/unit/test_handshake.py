@@ -25,7 +25,8 @@ async def test_each_token_transport_is_accepted(make_app: MakeApp, transport: st
     async with ConsumerTestClient(make_app(heartbeat_interval=12)) as client:
         async with client.connect("/dreams/42", transport=transport) as ws:  # type: ignore[arg-type]
             first = await ws.receive_json()
-            assert first == {"type": "connection_established", "dream_id": 42, "heartbeat_interval": 12}
+            assert first.pop("epoch")
+            assert first == {"type": "connection_established", "dream_id": 42, "heartbeat_interval": 12, "seq": 0}
             # The token subprotocol is never echoed: the server selects the plain one.
             assert ws.subprotocol == ("dream-ws.v1" if transport == "subprotocol" else None)
 

@@ -16,10 +16,12 @@ from typing import Any
 import pytest
 
 from starlette_dream_ws import BackendUnavailable, GroupLayer, PublishError, Settings
-from starlette_dream_ws.groups import Backend, GroupEvent, Position, Published
+from starlette_dream_ws.groups import Backend, GroupEvent, History, Position, Published
 from starlette_dream_ws.groups.backends.memory import MemoryBackend
 
 TIMEOUT = 2.0
+#: The fake broker's one history: it never loses one.
+EPOCH = "fake"
 
 pytestmark = pytest.mark.anyio
 
@@ -56,10 +58,19 @@ class Recorder:
                 await self._arrived.wait()
 
         await asyncio.wait_for(wait(), timeout)
-        return self.events[:count]
+        return [without_position(event) for event in self.events[:count]]
 
     def __repr__(self) -> str:
         return f"Recorder({self.name})"
+
+
+def position_fields(position: Position) -> dict[str, Any]:
+    return {"seq": position.seq, "epoch": position.epoch}
+
+
+def without_position(event: dict[str, Any]) -> dict[str, Any]:
+    """The event as published: without the `seq` and `epoch` the backend gave it."""
+    return {key: value for key, value in event.items() if key not in ("seq", "epoch")}
 
 
 class Exploding:
@@ -118,11 +129,14 @@ class Hub:
     def append(self, channel: str, text: str) -> Published:
         """Keep a message in the channel's history, at the next position."""
         kept = self.history.setdefault(channel, [])
-        published = Published(channel, text, (len(kept) + 1,))
+        published = Published(channel, text, Position(EPOCH, len(kept) + 1))
         kept.append(published)
         return published
 
-    def deliver_raw(self, channel: str, message: Any, position: tuple[int, ...] | None = None) -> None:
+    def position(self, channel: str) -> Position:
+        return Position(EPOCH, len(self.history.get(channel, [])))
+
+    def deliver_raw(self, channel: str, message: Any, position: Position | None = None) -> None:
         """Put a message on the wire as another process might, bypassing `GroupLayer.publish`."""
         for backend in self.backends:
             if backend.connected and channel in backend.channels:
@@ -173,7 +187,7 @@ class FakeBackend:
         self.channels.difference_update(channels)
         await self.hub.changed()
 
-    async def publish(self, channel: str, text: str) -> None:
+    async def publish(self, channel: str, text: str) -> Position:
         hub = self.hub
         hub.publish_attempts += 1
         if hub.publish_failures > 0:
@@ -183,6 +197,7 @@ class FakeBackend:
             raise error
         published = hub.append(channel, text)
         hub.deliver_raw(channel, text, published.position)
+        return hub.position(channel)
 
     async def next_published(self) -> Published:
         item = await self.queue.get()
@@ -190,15 +205,16 @@ class FakeBackend:
             raise item
         return item
 
-    async def history(self, channel: str, after: Position | None) -> list[Published]:
-        return [p for p in self.hub.history.get(channel, []) if after is None or (p.position or ()) > after]
+    async def history(self, channel: str, after: Position | None) -> History:
+        kept = self.hub.history.get(channel, [])
+        return History(self.hub.position(channel), [p for p in kept if p.position and p.position.follows(after)])
 
-    async def last_positions(self, channels: Sequence[str]) -> list[Position | None]:
-        return [kept[-1].position if (kept := self.hub.history.get(c)) else None for c in channels]
+    async def positions(self, channels: Sequence[str]) -> list[Position]:
+        return [self.hub.position(channel) for channel in channels]
 
-    async def latest(self, channel: str) -> str | None:
+    async def latest(self, channel: str) -> Published | None:
         kept = self.hub.history.get(channel)
-        return kept[-1].text if kept else None
+        return kept[-1] if kept else None
 
     def lose_connection(self) -> None:
         """The broker drops this connection: the reader's next read fails."""
@@ -265,23 +281,27 @@ async def test_publish_reaches_every_member_of_the_group_and_no_other(kind: str)
         await layer.publish("group_a", {"type": "update", "to": "a"})
         await layer.publish("group_b", {"type": "update", "to": "b"})
 
-        first = (await a1.received())[0]
-        assert first == {"type": "update", "to": "a"}
+        assert await a1.received() == [{"type": "update", "to": "a"}]
+        first = a1.events[0]
         # Decoded once per process: every member of the group gets the very same dict.
-        assert (await a2.received())[0] is first
-        assert (await a3.received())[0] is first
+        await a2.received()
+        await a3.received()
+        assert a2.events[0] is first and a3.events[0] is first
         # group_b's member sees only group_b's message: the group_a one, published first on the
         # same connection, would have arrived before it.
         assert await b.received() == [{"type": "update", "to": "b"}]
         assert a1.events == [first]
-        # ... and encoded once: it carries the text it arrived as, and nobody may change it.
+        # ... and encoded once: it carries the text it arrived as, with its position, and
+        # nobody may change it.
         assert isinstance(first, GroupEvent)
-        assert json.loads(first.text) == {"type": "update", "to": "a"}
+        assert first.group == "group_a" and first.position is not None
+        assert json.loads(first.text) == {"type": "update", "to": "a", **position_fields(first.position)}
+        assert json.loads(first.text) == first
         with pytest.raises(TypeError):
             first["to"] = "b"
         with pytest.raises(TypeError):
             first.pop("to")
-        assert {**first, "to": "b"} == {"type": "update", "to": "b"}
+        assert without_position({**first, "to": "b"}) == {"type": "update", "to": "b"}
     finally:
         await layer.disconnect()
 
@@ -534,8 +554,12 @@ async def test_the_last_publish_is_the_latest(kind: str) -> None:
         await layer.publish("g", {"type": "image_update", "n": 1})
         await layer.publish("g", {"type": "image_update", "n": 2})
         await layer.publish("other", {"type": "image_update", "n": 3})
-        assert await layer.latest("g") == {"type": "image_update", "n": 2}
-        assert await layer.latest("other") == {"type": "image_update", "n": 3}
+        latest = await layer.latest("g")
+        assert latest is not None and latest.position is not None
+        assert latest == {"type": "image_update", "n": 2, **position_fields(latest.position)}
+        assert latest.position.seq == 2 and latest.group == "g"
+        other = await layer.latest("other")
+        assert other is not None and without_position(other) == {"type": "image_update", "n": 3}
         assert await layer.latest("nobody") is None
     finally:
         await layer.disconnect()

@@ -12,6 +12,7 @@ import pytest
 from starlette_dream_ws.groups import BackendConnectionLost
 from starlette_dream_ws.groups.backends import create_backend, memory
 from starlette_dream_ws.groups.backends.memory import MemoryBackend
+from starlette_dream_ws.protocol import Position
 
 pytestmark = pytest.mark.anyio
 
@@ -53,40 +54,61 @@ def channels() -> int:
     return len(hub.channels) if hub is not None else 0
 
 
-async def test_publishes_get_increasing_positions_and_reach_subscribers(backend: MemoryBackend) -> None:
+async def test_publishes_get_consecutive_positions_and_reach_subscribers(backend: MemoryBackend) -> None:
     await backend.subscribe(["a"])
-    for text in ("1", "2", "3"):
-        await backend.publish("a", text)
+    returned = [await backend.publish("a", text) for text in ("1", "2", "3")]
     await backend.publish("b", "elsewhere")
     got = [await backend.next_published() for _ in range(3)]
     assert [(p.channel, p.text) for p in got] == [("a", "1"), ("a", "2"), ("a", "3")]
-    positions = [p.position for p in got]
-    assert all(p is not None for p in positions)
-    assert positions == sorted(positions) and len(set(positions)) == 3
+    assert [p.position for p in got] == returned
+    assert [p.seq for p in returned] == [1, 2, 3]
+    assert len({p.epoch for p in returned}) == 1
 
 
 async def test_history_is_capped_and_read_after_a_position(backend: MemoryBackend) -> None:
-    for text in ("1", "2", "3", "4"):
-        await backend.publish("a", text)
-    kept = await backend.history("a", None)
-    assert [p.text for p in kept] == ["2", "3", "4"]  # history_size=3
-    assert [p.text for p in await backend.history("a", kept[0].position)] == ["3", "4"]
-    assert await backend.history("a", kept[-1].position) == []
-    assert await backend.last_positions(["a", "nothing"]) == [kept[-1].position, None]
-    assert await backend.latest("a") == "4"
+    positions = [await backend.publish("a", text) for text in ("1", "2", "3", "4")]
+    everything = await backend.history("a", None)
+    assert everything.current == positions[-1]
+    assert [p.text for p in everything.messages] == ["2", "3", "4"]  # history_size=3
+    after_two = await backend.history("a", positions[1])
+    assert [p.text for p in after_two.messages] == ["3", "4"] and after_two.complete_after(positions[1])
+    # The first update is no longer kept: after it, the history is not complete.
+    assert not (await backend.history("a", Position(positions[0].epoch, 0))).complete_after(
+        Position(positions[0].epoch, 0)
+    )
+    newest = await backend.history("a", positions[-1])
+    assert newest.messages == [] and newest.complete_after(positions[-1])
+    # Another epoch's position: the whole history of this one, and not complete after it.
+    other = Position("another", 2)
+    assert [p.text for p in (await backend.history("a", other)).messages] == ["2", "3", "4"]
+    assert not (await backend.history("a", other)).complete_after(other)
+    latest = await backend.latest("a")
+    assert latest is not None and (latest.text, latest.position) == ("4", positions[-1])
     assert await backend.latest("nothing") is None
 
 
-async def test_a_channel_expires_ttl_after_its_last_publish(clock: Clock, backend: MemoryBackend) -> None:
-    await backend.publish("a", "1")
+async def test_a_channel_without_updates_gets_an_epoch_at_seq_0(backend: MemoryBackend) -> None:
+    (first,) = await backend.positions(["new"])
+    assert first.seq == 0 and first.epoch
+    assert await backend.positions(["new"]) == [first]
+    assert await backend.publish("new", "x") == Position(first.epoch, 1)
+
+
+async def test_a_channel_expires_ttl_after_its_last_publish_and_starts_a_new_epoch(
+    clock: Clock, backend: MemoryBackend
+) -> None:
+    first = await backend.publish("a", "1")
     clock.advance(5)
     await backend.publish("b", "1")
     clock.advance(4.9)
-    assert await backend.latest("a") == "1"
+    assert (await backend.latest("a")) is not None
     clock.advance(0.2)
     assert await backend.latest("a") is None
-    assert await backend.history("a", None) == []
-    assert await backend.latest("b") == "1"
+    history = await backend.history("a", first)
+    assert history.messages == [] and history.current.epoch != first.epoch
+    assert not history.complete_after(first)
+    assert (await backend.publish("a", "again")) == Position(history.current.epoch, 1)
+    assert (await backend.latest("b")) is not None
 
 
 async def test_expired_channels_are_purged_so_the_hub_stays_bounded(clock: Clock, backend: MemoryBackend) -> None:
@@ -105,7 +127,8 @@ async def test_every_backend_of_a_url_shares_the_hub_while_one_is_connected(back
         await backend.subscribe(["a"])
         await other.publish("a", "from the other")
         assert (await backend.next_published()).text == "from the other"
-        assert await other.latest("a") == "from the other"
+        latest = await other.latest("a")
+        assert latest is not None and latest.text == "from the other"
     finally:
         await other.disconnect()
     # Another URL is another broker.
@@ -159,9 +182,7 @@ async def test_publishes_from_another_thread_arrive_in_position_order(backend: M
     got = [await asyncio.wait_for(backend.next_published(), 5) for _ in range(400)]
     for thread in threads:
         thread.join()
-    positions = [p.position for p in got]
-    assert positions == sorted(positions)  # type: ignore[type-var]
-    assert len(set(positions)) == 400
+    assert [p.position.seq for p in got if p.position is not None] == list(range(1, 401))
 
 
 async def test_a_reader_that_falls_behind_gets_what_was_buffered_then_the_loss(

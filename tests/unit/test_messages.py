@@ -31,12 +31,15 @@ async def test_image_update_has_every_field(make_app: MakeApp) -> None:
         update = await ws.receive_json()
     timestamp = update.pop("timestamp")
     assert isinstance(timestamp, float)
+    epoch = update.pop("epoch")
+    assert isinstance(epoch, str) and 1 <= len(epoch) <= 32
     assert update == {
         "type": "image_update",
         "dream_id": 3,
         "status": "completed",
         "images": ["https://cdn/a.png", "https://cdn/b.png"],
         "message": "done",
+        "seq": 1,
     }
 
 

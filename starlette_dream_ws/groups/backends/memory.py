@@ -16,7 +16,8 @@ import threading
 import time
 from collections.abc import Sequence
 
-from ..contract import BackendConnectionLost, Position, Published
+from ...protocol import Position, new_epoch
+from ..contract import BackendConnectionLost, History, Published
 
 #: Messages waiting for a reader that is behind; past it the connection counts as lost, as
 #: Redis drops a subscriber whose output buffer overflows (the layer then catches up).
@@ -24,12 +25,17 @@ MAX_PENDING = 10_000
 
 
 class _Channel:
-    __slots__ = ("expires_at", "history", "last")
+    __slots__ = ("epoch", "expires_at", "history", "seq")
 
     def __init__(self, size: int) -> None:
         self.history: collections.deque[Published] = collections.deque(maxlen=size)
-        self.last = 0
+        self.epoch = new_epoch()
+        self.seq = 0
         self.expires_at = 0.0
+
+    @property
+    def position(self) -> Position:
+        return Position(self.epoch, self.seq)
 
 
 class _Hub:
@@ -57,6 +63,15 @@ class _Hub:
         if entry is not None and entry.expires_at <= now:
             del self.channels[channel]
             return None
+        return entry
+
+    def channel(self, name: str, now: float, size: int, ttl: float) -> _Channel:
+        """The channel's entry, made (with a new epoch) if it has none or it expired."""
+        entry = self.alive(name, now)
+        if entry is None:
+            entry = _Channel(size)
+            entry.expires_at = now + ttl
+            self.touch(name, entry, now)
         return entry
 
 
@@ -135,21 +150,21 @@ class MemoryBackend:
                         del hub.subscribers[channel]
                 self._channels.discard(channel)
 
-    async def publish(self, channel: str, text: str) -> None:
+    async def publish(self, channel: str, text: str) -> Position:
         hub = self._connected()
         now = time.monotonic()
         with hub.lock:
-            entry = hub.alive(channel, now)
-            if entry is None:
-                entry = hub.channels[channel] = _Channel(self._history_size)
-            entry.last += 1
-            published = Published(channel, text, (entry.last,))
+            entry = hub.channel(channel, now, self._history_size, self._ttl)
+            entry.seq += 1
+            published = Published(channel, text, entry.position)
             entry.history.append(published)
             entry.expires_at = now + self._ttl
             hub.touch(channel, entry, now)
             # Under the lock: every subscriber gets a channel's messages in position order.
             for receiver in hub.subscribers.get(channel, ()):
                 receiver._post(published)
+        assert published.position is not None
+        return published.position
 
     def _post(self, published: Published) -> None:
         loop = self._loop
@@ -186,22 +201,23 @@ class MemoryBackend:
             await self._arrived.wait()
         return self._queue.popleft()
 
-    async def history(self, channel: str, after: Position | None) -> list[Published]:
+    async def history(self, channel: str, after: Position | None) -> History:
         hub = self._connected()
         with hub.lock:
-            entry = hub.alive(channel, time.monotonic())
-            kept = list(entry.history) if entry is not None else []
-        return [item for item in kept if after is None or (item.position is not None and item.position > after)]
+            entry = hub.channel(channel, time.monotonic(), self._history_size, self._ttl)
+            current, kept = entry.position, list(entry.history)
+        if after is not None and after.epoch == current.epoch:
+            kept = [item for item in kept if item.position is not None and item.position.seq > after.seq]
+        return History(current, kept)
 
-    async def last_positions(self, channels: Sequence[str]) -> list[Position | None]:
+    async def positions(self, channels: Sequence[str]) -> list[Position]:
         now = time.monotonic()
         hub = self._connected()
         with hub.lock:
-            entries = [hub.alive(channel, now) for channel in channels]
-            return [entry.history[-1].position if entry is not None and entry.history else None for entry in entries]
+            return [hub.channel(channel, now, self._history_size, self._ttl).position for channel in channels]
 
-    async def latest(self, channel: str) -> str | None:
+    async def latest(self, channel: str) -> Published | None:
         hub = self._connected()
         with hub.lock:
             entry = hub.alive(channel, time.monotonic())
-            return entry.history[-1].text if entry is not None and entry.history else None
+            return entry.history[-1] if entry is not None and entry.history else None

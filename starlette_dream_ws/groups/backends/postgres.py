@@ -1,4 +1,4 @@
-"""The PostgreSQL backend for `postgres://` / `postgresql://` URLs: groups on LISTEN/NOTIFY, with a history table.
+"""The PostgreSQL backend for `postgres://` / `postgresql://` URLs: groups on LISTEN/NOTIFY, with history.
 
 broadcaster 0.3.1's Postgres backend waits forever in `next_published` once its connection is
 gone (nothing watches for the end of the connection), buffers in an unbounded queue, and runs
@@ -8,10 +8,11 @@ LISTEN and every publish on one connection, where asyncpg refuses concurrent com
 again), bounds its buffer, and publishes through a small pool.
 
 NOTIFY delivers at most once, like Redis pub/sub: what is published while a listener is
-reconnecting is gone. So, as the Redis backend does with a stream, each publish also inserts
-the message into a history table in the same transaction, and the notification carries the
-row's id, which is the message's position: after a reconnect the layer reads what it missed
-(`history`), and the newest row is the group's latest state (`latest`).
+reconnecting is gone. So, as the Redis backend does with a stream, each publish takes the
+group's next position (a row per group: epoch and seq) and inserts the message into a
+messages table in the same transaction, and the notification carries the position: after a
+reconnect the layer reads what it missed (`history`), and the newest row is the group's latest
+state (`latest`).
 
 Needs the `postgres` extra (asyncpg). Not through PgBouncer in transaction mode: LISTEN needs a
 session of its own.
@@ -29,12 +30,13 @@ from typing import Any
 
 import asyncpg
 
-from ..contract import BackendConnectionLost, Position, Published, split_position
+from ...protocol import Position, new_epoch
+from ..contract import BackendConnectionLost, History, Published, split_position
 
 #: NOTIFY refuses a payload of 8000 bytes or more (BLCKSZ - NAMEDATALEN - 128 in a default build).
 MAX_PAYLOAD_BYTES = 7999
-#: The largest message: the payload also carries the history id (up to 19 digits) and a space.
-MAX_MESSAGE_BYTES = MAX_PAYLOAD_BYTES - 20
+#: The largest message: the payload also carries its position (`<epoch>:<seq> `, at most 50 bytes).
+MAX_MESSAGE_BYTES = MAX_PAYLOAD_BYTES - 50
 #: Channels are identifiers: LISTEN silently truncates a longer one, pg_notify refuses it.
 MAX_CHANNEL_BYTES = 63
 #: Seconds to open a connection (asyncpg's default is 60, far too long for a reconnect loop).
@@ -56,13 +58,6 @@ PURGE_BATCH = 100
 
 class PayloadTooLarge(ValueError):
     """A message longer than NOTIFY carries; a ValueError, so the layer does not retry it."""
-
-
-def row_position(row_id: str) -> Position:
-    """A history row id (digits only) as a position; `ValueError` if it is not one."""
-    if not (row_id.isascii() and row_id.isdigit()):
-        raise ValueError(row_id)
-    return (int(row_id),)
 
 
 def check_channel(channel: str) -> None:
@@ -119,7 +114,7 @@ class PostgresBackend:
         *,
         ttl: float = 86400.0,
         history_size: int = 100,
-        table: str = "dream_ws_history",
+        table: str = "dream_ws_messages",
         max_pending: int = MAX_PENDING,
         idle_check_interval: float = IDLE_CHECK_INTERVAL,
         idle_check_timeout: float = IDLE_CHECK_TIMEOUT,
@@ -170,7 +165,7 @@ class PostgresBackend:
             for channel in channels:
                 await self._listening().remove_listener(channel, self._on_notification)
 
-    async def publish(self, channel: str, text: str) -> None:
+    async def publish(self, channel: str, text: str) -> Position:
         if not isinstance(text, str):
             raise TypeError(f"a PostgreSQL notification is text, not {type(text).__name__}")
         check_channel(channel)
@@ -183,12 +178,11 @@ class PostgresBackend:
         if "\x00" in text:
             raise ValueError("PostgreSQL text cannot hold NUL characters")
         async with self._pooled().acquire() as connection, connection.transaction():
-            # One publisher per group at a time, so that ids grow in commit order, which is the
-            # order NOTIFY delivers in: the layer drops an id lower than one it has delivered.
-            await connection.execute(self._sql.lock, channel)
-            await connection.execute(self._sql.publish, channel, text, self._ttl)
-            await connection.execute(self._sql.trim, channel, self._history_size)
+            row = await connection.fetchrow(self._sql.publish, [channel], new_epoch(), self._ttl, 1, text)
+            position = Position(row["epoch"], row["seq"])
+            await connection.execute(self._sql.trim, channel, position.epoch, position.seq, self._history_size)
             await connection.execute(self._sql.purge)
+        return position
 
     async def next_published(self) -> Published:
         while not self._events:
@@ -205,22 +199,30 @@ class PostgresBackend:
 
     # -- history ----------------------------------------------------------------------------
 
-    async def history(self, channel: str, after: Position | None) -> list[Published]:
-        """Messages of `channel` later than `after`, oldest first (at most `history_size`)."""
-        start = after[0] if after is not None else 0
-        rows = await self._pooled().fetch(self._sql.history, channel, start, self._history_size)
-        return [Published(channel, row["message"], (row["id"],)) for row in rows]
+    async def history(self, channel: str, after: Position | None) -> History:
+        """The current position and the kept messages after `after` (at most `history_size`)."""
+        epoch, seq = (after.epoch, after.seq) if after is not None else ("", 0)
+        rows = await self._pooled().fetch(self._sql.history, channel, epoch, seq, self._history_size)
+        if not rows:
+            return History((await self.positions([channel]))[0], [])
+        current = Position(rows[0]["epoch"], rows[0]["seq"])
+        messages = [
+            Published(channel, row["message"], Position(current.epoch, row["message_seq"]))
+            for row in rows
+            if row["message_seq"] is not None
+        ]
+        return History(current, messages)
 
-    async def last_positions(self, channels: Sequence[str]) -> list[Position | None]:
-        """The position of each channel's newest kept message, in one query."""
-        rows = await self._pooled().fetch(self._sql.last_ids, list(channels))
-        newest = {row["grp"]: row["id"] for row in rows}
-        return [(newest[channel],) if channel in newest else None for channel in channels]
+    async def positions(self, channels: Sequence[str]) -> list[Position]:
+        """Each channel's current position, in one statement."""
+        rows = await self._pooled().fetch(self._sql.positions, list(channels), new_epoch(), self._ttl, 0)
+        found = {row["grp"]: Position(row["epoch"], row["seq"]) for row in rows}
+        return [found[channel] for channel in channels]
 
-    async def latest(self, channel: str) -> str | None:
+    async def latest(self, channel: str) -> Published | None:
         """The newest message of `channel` (its latest state), if any is kept."""
-        value = await self._pooled().fetchval(self._sql.latest, channel)
-        return value if isinstance(value, str) else None
+        row = await self._pooled().fetchrow(self._sql.latest, channel)
+        return None if row is None else Published(channel, row["message"], Position(row["epoch"], row["seq"]))
 
     # -- internals --------------------------------------------------------------------------
 
@@ -256,7 +258,7 @@ class PostgresBackend:
             # Stop the server from sending more; the reader drains what is buffered, then reconnects.
             connection.terminate()
             return
-        position, text = split_position(payload, row_position)
+        position, text = split_position(payload)
         self._events.append(Published(channel, text, position))
         self._arrived.set()
 
@@ -271,40 +273,62 @@ class PostgresBackend:
 
 
 class _HistorySQL:
-    """The statements of `PostgresBackend` on one history table."""
+    """The statements of `PostgresBackend` on one messages table and its positions table."""
 
     def __init__(self, table: str) -> None:
-        t = quote_ident(table)
-        self.create = create_table_sql(
-            table,
-            "grp text NOT NULL, id bigint NOT NULL, message text NOT NULL, expires_at timestamptz NOT NULL,"
-            " PRIMARY KEY (grp, id)",
+        m, p = quote_ident(table), quote_ident(table + "_positions")
+        self.create = (
+            create_table_sql(
+                table,
+                "grp text NOT NULL, epoch text NOT NULL, seq bigint NOT NULL, message text NOT NULL,"
+                " expires_at timestamptz NOT NULL, PRIMARY KEY (grp, seq)",
+            )
+            + "; "
+            + create_table_sql(
+                table + "_positions",
+                "grp text PRIMARY KEY, epoch text NOT NULL, seq bigint NOT NULL, expires_at timestamptz NOT NULL",
+            )
         )
-        # Taken before the insert, in a statement of its own: the insert's snapshot must see the
-        # row of the publisher that held the lock before us.
-        self.lock = f"SELECT pg_advisory_xact_lock(hashtextextended({_literal(table)} || ':' || $1::text, 0))"
-        # Ids are microseconds since the epoch, or one more than the group's newest: they keep
-        # growing when the table is emptied, as Redis stream ids do.
+        expiry = "now() + make_interval(secs => $3::float8)"
+        # A group's position: an expired one starts a new epoch (the one given, $2) from 0.
+        # `$4` is added to seq: 1 to publish, 0 to read (and start an epoch if there is none).
+        # The row lock it takes lasts to the end of the transaction, so publishers of a group
+        # take turns and commit, hence notify, in seq order.
+        upsert = (
+            f"INSERT INTO {p} AS p (grp, epoch, seq, expires_at)"
+            f" SELECT g, $2::text, $4::int, {expiry} FROM unnest($1::text[]) AS u(g) ORDER BY g"
+            " ON CONFLICT (grp) DO UPDATE SET"
+            " epoch = CASE WHEN p.expires_at > now() THEN p.epoch ELSE EXCLUDED.epoch END,"
+            " seq = CASE WHEN p.expires_at > now() THEN p.seq + $4::int ELSE $4::int END,"
+            " expires_at = CASE WHEN $4::int > 0 OR p.expires_at <= now() THEN EXCLUDED.expires_at"
+            " ELSE p.expires_at END"
+            " RETURNING p.grp, p.epoch, p.seq"
+        )
+        self.positions = upsert
+        # $5: the message. Notified as "<epoch>:<seq> <message>".
         self.publish = (
-            f"WITH new AS (INSERT INTO {t} (grp, id, message, expires_at)"
-            " SELECT $1::text,"
-            " greatest(floor(extract(epoch FROM clock_timestamp()) * 1000000)::bigint, coalesce(max(id), 0) + 1),"
-            " $2::text, now() + make_interval(secs => $3::float8)"
-            f" FROM {t} WHERE grp = $1::text RETURNING id)"
-            " SELECT pg_notify($1::text, id || ' ' || $2::text) FROM new"
+            f"WITH pos AS ({upsert}),"
+            f" new AS (INSERT INTO {m} (grp, epoch, seq, message, expires_at)"
+            f" SELECT grp, epoch, seq, $5::text, {expiry} FROM pos RETURNING epoch, seq)"
+            " SELECT epoch, seq, pg_notify($1[1], epoch || ':' || seq || ' ' || $5::text) FROM new"
         )
-        # Keep the group's newest `history_size` rows.
-        self.trim = (
-            f"DELETE FROM {t} WHERE grp = $1::text AND id < "
-            f"(SELECT id FROM {t} WHERE grp = $1::text ORDER BY id DESC OFFSET $2::int - 1 LIMIT 1)"
-        )
+        # Keep the group's newest `history_size` rows of its current epoch.
+        self.trim = f"DELETE FROM {m} WHERE grp = $1::text AND (epoch <> $2::text OR seq <= $3::bigint - $4::int)"
         self.purge = (
-            f"DELETE FROM {t} WHERE (grp, id) IN "
-            f"(SELECT grp, id FROM {t} WHERE expires_at <= now() LIMIT {PURGE_BATCH})"
+            f"DELETE FROM {m} WHERE (grp, seq) IN"
+            f" (SELECT grp, seq FROM {m} WHERE expires_at <= now() LIMIT {PURGE_BATCH});"
+            f" DELETE FROM {p} WHERE grp IN (SELECT grp FROM {p} WHERE expires_at <= now() LIMIT {PURGE_BATCH})"
         )
-        alive = "grp = $1::text AND expires_at > now()"
-        self.history = f"SELECT id, message FROM {t} WHERE {alive} AND id > $2::bigint ORDER BY id LIMIT $3::int"
-        self.last_ids = (
-            f"SELECT grp, max(id) AS id FROM {t} WHERE grp = ANY($1::text[]) AND expires_at > now() GROUP BY grp"
+        # One statement, so one snapshot: the position and the messages after $2:$3 agree.
+        self.history = (
+            "SELECT p.epoch, p.seq, m.seq AS message_seq, m.message"
+            f" FROM {p} p LEFT JOIN LATERAL (SELECT seq, message FROM {m}"
+            " WHERE grp = p.grp AND epoch = p.epoch AND expires_at > now()"
+            " AND seq > CASE WHEN p.epoch = $2::text THEN $3::bigint ELSE 0 END ORDER BY seq LIMIT $4::int) m ON true"
+            " WHERE p.grp = $1::text AND p.expires_at > now() ORDER BY m.seq"
         )
-        self.latest = f"SELECT message FROM {t} WHERE {alive} ORDER BY id DESC LIMIT 1"
+        self.latest = (
+            f"SELECT m.epoch, m.seq, m.message FROM {p} p JOIN {m} m"
+            " ON m.grp = p.grp AND m.epoch = p.epoch AND m.seq = p.seq"
+            " WHERE p.grp = $1::text AND p.expires_at > now() AND m.expires_at > now()"
+        )

@@ -7,10 +7,11 @@ directly in `next_published`, waits for Redis to confirm each subscription, and 
 connection is lost so that the layer can reconnect and subscribe again.
 
 Pub/sub delivers at most once: what is published while a subscriber is reconnecting is gone.
-So each publish also appends the message to the group's stream (`XADD`, capped and expiring)
-in the same atomic script, and the channel carries the entry's id, which is the message's
-position. After a reconnect the layer reads the stream from the last position it delivered
-(`history`), and the newest entry is the group's latest state (`latest`).
+So one script per publish gives the message the group's next position (a hash of epoch and
+seq), appends it to the group's stream (`XADD`, capped and expiring, the entry id `<seq>-0`)
+and publishes `<epoch>:<seq> <message>`. After a reconnect the layer reads the stream after the
+last position it delivered (`history`), and the newest entry is the group's latest state.
+A Redis restarted empty has no position hash: the next publish starts a new epoch.
 
 Publishes are pipelined: while one batch is on its way to Redis, the next ones wait and go
 together in one round trip, so a burst of updates (a busy async producer, many endpoints)
@@ -30,35 +31,60 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
+from ...protocol import Position, new_epoch
 from ...tasks import cancel_and_wait
-from ..contract import BackendConnectionLost, Position, Published, split_position
+from ..contract import BackendConnectionLost, History, Published, split_position
 
 #: Seconds to wait for Redis to confirm a SUBSCRIBE or UNSUBSCRIBE.
 CONFIRM_TIMEOUT = 5.0
-HISTORY_PREFIX = "dream_ws:history:"
+KEY_PREFIX = "dream_ws:"
 
-# Append to the group's stream, keep it short and expiring, and publish "<id> <message>".
-_PUBLISH = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'm', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('PUBLISH', ARGV[4], id .. ' ' .. ARGV[1])
-return id
+# Each group's keys share a hash tag (`{<group>}`), so that on a cluster one script can update
+# them together. KEYS: the position hash (epoch, seq) and the history stream.
+_ENSURE_EPOCH = """
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
+  -- A new history: whatever the stream still holds belongs to a lost one.
+  redis.call('DEL', KEYS[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
 """
-_PUBLISH_SHA = hashlib.sha1(_PUBLISH.encode()).hexdigest()
+# Give the message the group's next position, append it to the capped, expiring stream (whose
+# entry id is "<seq>-0"), and publish "<epoch>:<seq> <message>". ARGV: a new epoch (used only
+# if the group has none), ttl ms, stream length, channel, message.
+_PUBLISH = (
+    _ENSURE_EPOCH
+    + """
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'm', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[4], epoch .. ':' .. seq .. ' ' .. ARGV[5])
+return {epoch, seq}
+"""
+)
+# The group's current position, starting an epoch if it has none. ARGV: a new epoch, ttl ms.
+_POSITION = (
+    _ENSURE_EPOCH
+    + """
+return {redis.call('HGET', KEYS[1], 'epoch'), tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')}
+"""
+)
+_SCRIPTS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_PUBLISH, _POSITION)}
+_PUBLISH_SHA = _SCRIPTS[_PUBLISH]
 #: Most publishes sent in one pipeline.
 MAX_BATCH = 256
 
 
-def stream_position(stream_id: str) -> Position:
-    """A stream id (`<ms>-<seq>`) as a position; `ValueError` if it is not one."""
-    ms, sep, seq = stream_id.partition("-")
-    if not sep:
-        raise ValueError(stream_id)
-    return int(ms), int(seq)
+def keys(channel: str) -> tuple[str, str]:
+    """The position hash and the history stream of a group."""
+    tag = "{" + channel + "}"
+    return f"{KEY_PREFIX}{tag}:position", f"{KEY_PREFIX}{tag}:history"
 
 
-def stream_id(position: Position) -> str:
-    return "-".join(map(str, position))
+def _position(reply: Any) -> Position:
+    epoch, seq = reply
+    return Position(_text(epoch), int(seq))
 
 
 def redis_client(url: str, **options: Any) -> aioredis.Redis:
@@ -81,7 +107,7 @@ class RedisBackend:
         self._pending: dict[tuple[str, str], asyncio.Future[None]] = {}
         # Publishes waiting for the writer; each has a caller awaiting it, so this holds at
         # most as many entries as there are publishes in flight.
-        self._outbox: deque[tuple[str, str, asyncio.Future[None]]] = deque()
+        self._outbox: deque[tuple[str, str, asyncio.Future[Position]]] = deque()
         self._outbox_ready = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
 
@@ -131,15 +157,15 @@ class RedisBackend:
             for channel in channels:
                 self._pending.pop((kind, channel), None)
 
-    async def publish(self, channel: str, text: str) -> None:
+    async def publish(self, channel: str, text: str) -> Position:
         if self._writer is None or self._writer.done():
             raise BackendConnectionLost("not connected")
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Position] = asyncio.get_running_loop().create_future()
         self._outbox.append((channel, text, future))
         self._outbox_ready.set()
         # A caller that gives up (its timeout) cancels the future: the writer skips it if it
         # has not been sent yet; if it has, it may still be published (at least once).
-        await future
+        return await future
 
     async def _write(self) -> None:
         """Send what waits in the outbox, a pipeline at a time, until cancelled."""
@@ -148,7 +174,7 @@ class RedisBackend:
                 await self._outbox_ready.wait()
                 self._outbox_ready.clear()
                 while self._outbox:
-                    batch: list[tuple[str, str, asyncio.Future[None]]] = []
+                    batch: list[tuple[str, str, asyncio.Future[Position]]] = []
                     while self._outbox and len(batch) < MAX_BATCH:
                         entry = self._outbox.popleft()
                         if not entry[2].done():
@@ -164,16 +190,10 @@ class RedisBackend:
                 _fail(self._outbox.popleft()[2], exc)
             raise
 
-    async def _send(self, batch: list[tuple[str, str, asyncio.Future[None]]]) -> None:
-        assert self._client is not None
+    async def _send(self, batch: list[tuple[str, str, asyncio.Future[Position]]]) -> None:
+        calls = [(_PUBLISH, channel, (self._ttl_ms, self._history_size, channel, text)) for channel, text, _ in batch]
         try:
-            results = await self._pipeline(batch)
-            unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-            if unknown:
-                # Redis lost its script cache (a restart, SCRIPT FLUSH): load it, send those again.
-                await self._client.script_load(_PUBLISH)
-                for i, result in zip(unknown, await self._pipeline([batch[i] for i in unknown]), strict=True):
-                    results[i] = result
+            results = await self._scripts(calls)
         except BaseException as exc:
             failure = exc if isinstance(exc, Exception) else BackendConnectionLost("backend disconnected")
             for _, _, future in batch:
@@ -185,15 +205,27 @@ class RedisBackend:
             if isinstance(result, Exception):
                 _fail(future, result)
             elif not future.done():
-                future.set_result(None)
+                future.set_result(_position(result))
 
-    async def _pipeline(self, batch: list[tuple[str, str, asyncio.Future[None]]]) -> list[Any]:
+    async def _scripts(self, calls: Sequence[tuple[str, str, tuple[Any, ...]]]) -> list[Any]:
+        """Run `(script, channel, extra args)` calls in one pipeline; each gets the group's keys
+        and a new epoch first. A script Redis lost (a restart, SCRIPT FLUSH) is loaded and run
+        again, without a retry of the others."""
+        results = await self._pipeline(calls)
+        unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if unknown:
+            assert self._client is not None
+            for script in {calls[i][0] for i in unknown}:
+                await self._client.script_load(script)
+            for i, result in zip(unknown, await self._pipeline([calls[i] for i in unknown]), strict=True):
+                results[i] = result
+        return results
+
+    async def _pipeline(self, calls: Sequence[tuple[str, str, tuple[Any, ...]]]) -> list[Any]:
         assert self._client is not None
         async with self._client.pipeline(transaction=False) as pipe:
-            for channel, message, _ in batch:
-                pipe.evalsha(
-                    _PUBLISH_SHA, 1, HISTORY_PREFIX + channel, message, self._ttl_ms, self._history_size, channel
-                )
+            for script, channel, args in calls:
+                pipe.evalsha(_SCRIPTS[script], 2, *keys(channel), new_epoch(), *args)
             return list(await pipe.execute(raise_on_error=False))
 
     async def next_published(self) -> Published:
@@ -207,7 +239,7 @@ class RedisBackend:
             kind = message["type"]
             channel = _text(message["channel"])
             if kind == "message":
-                position, text = split_position(_text(message["data"]), stream_position)
+                position, text = split_position(_text(message["data"]))
                 return Published(channel, text, position)
             future = self._pending.get((kind, channel))
             if future is not None and not future.done():
@@ -215,36 +247,54 @@ class RedisBackend:
 
     # -- history ----------------------------------------------------------------------------
 
-    async def history(self, channel: str, after: Position | None) -> list[Published]:
-        """Messages of `channel` later than `after`, oldest first."""
+    async def history(self, channel: str, after: Position | None) -> History:
+        """The current position and the kept messages after `after`, in one round trip (and one
+        transaction: no publish comes between the position and the messages)."""
         assert self._client is not None
-        start = f"({stream_id(after)}" if after is not None else "-"
-        entries = await self._client.xrange(HISTORY_PREFIX + channel, min=start, count=self._history_size)
-        return [
-            Published(channel, _text(fields[b"m"]), stream_position(_text(entry_id)))
-            for entry_id, fields in entries or ()
-            if fields is not None
-        ]
+        position_key, stream = keys(channel)
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hmget(position_key, "epoch", "seq")
+            pipe.xrange(stream, count=self._history_size)
+            if after is not None:
+                pipe.xrange(stream, min=f"({after.seq}-0", count=self._history_size)
+            replies = await pipe.execute()
+        (epoch, seq), entries = replies[0], replies[-1]
+        if epoch is None:
+            # No history at all: start one, as `positions` would.
+            return History((await self.positions([channel]))[0], [])
+        current = Position(_text(epoch), int(seq or 0))
+        if after is None or after.epoch != current.epoch:
+            entries = replies[1]
+        return History(current, [_published(channel, current.epoch, entry) for entry in entries or ()])
 
-    async def last_positions(self, channels: Sequence[str]) -> list[Position | None]:
-        """The position of each channel's newest message, in one round trip."""
-        assert self._client is not None
-        async with self._client.pipeline(transaction=False) as pipe:
-            for channel in channels:
-                pipe.xrevrange(HISTORY_PREFIX + channel, count=1)
-            results = await pipe.execute()
-        return [stream_position(_text(entries[0][0])) if entries else None for entries in results]
+    async def positions(self, channels: Sequence[str]) -> list[Position]:
+        """Each channel's current position, in one round trip."""
+        results = await self._scripts([(_POSITION, channel, (self._ttl_ms,)) for channel in channels])
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return [_position(result) for result in results]
 
-    async def latest(self, channel: str) -> str | None:
+    async def latest(self, channel: str) -> Published | None:
         """The newest message of `channel` (its latest state), if any is kept."""
         assert self._client is not None
-        entries = await self._client.xrevrange(HISTORY_PREFIX + channel, count=1)
-        if not entries or entries[0][1] is None:
+        position_key, stream = keys(channel)
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hget(position_key, "epoch")
+            pipe.xrevrange(stream, count=1)
+            epoch, entries = await pipe.execute()
+        if epoch is None or not entries:
             return None
-        return _text(entries[0][1][b"m"])
+        return _published(channel, _text(epoch), entries[0])
 
 
-def _fail(future: asyncio.Future[None], exc: BaseException) -> None:
+def _published(channel: str, epoch: str, entry: Any) -> Published:
+    entry_id, fields = entry
+    seq = int(_text(entry_id).partition("-")[0])
+    return Published(channel, _text(fields[b"m"]), Position(epoch, seq))
+
+
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
 
