@@ -24,6 +24,7 @@ import sys
 import time
 from array import array
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -61,6 +62,28 @@ class Stats:
         self.out_of_order = 0
         self.wrong_dream = 0
         self.bad_frames = 0
+
+
+def count_update(client: Any, data: dict[str, Any]) -> None:
+    """One `image_update` received by `client` (which has `stats`, `dream`, `received` and
+    `last_sequence`)."""
+    stats = client.stats
+    received_at = now()
+    stats.latencies.append(received_at - data["timestamp"])
+    stats.received += 1
+    client.received += 1
+    if stats.first_receive is None:
+        stats.first_receive = received_at
+    stats.last_receive = received_at
+    if data["dream_id"] != client.dream:
+        stats.wrong_dream += 1
+    message = data.get("message")
+    # The publisher numbers each dream's updates; any other message is not ordered.
+    if type(message) is str and message.isdecimal():
+        sequence = int(message)
+        if sequence <= client.last_sequence:
+            stats.out_of_order += 1
+        client.last_sequence = sequence
 
 
 class Client(WSListener):
@@ -103,22 +126,7 @@ class Client(WSListener):
             data = loads(payload)
             kind = data["type"]
             if kind == "image_update":
-                received_at = now()
-                stats.latencies.append(received_at - data["timestamp"])
-                stats.received += 1
-                self.received += 1
-                if stats.first_receive is None:
-                    stats.first_receive = received_at
-                stats.last_receive = received_at
-                if data["dream_id"] != self.dream:
-                    stats.wrong_dream += 1
-                message = data.get("message")
-                # The publisher numbers each dream's updates; any other message is not ordered.
-                if type(message) is str and message.isdecimal():
-                    sequence = int(message)
-                    if sequence <= self.last_sequence:
-                        stats.out_of_order += 1
-                    self.last_sequence = sequence
+                count_update(self, data)
             elif kind == "ping":
                 assert self.transport is not None
                 self.transport.send(TEXT, PONG)
@@ -172,9 +180,14 @@ async def connect(url: str, token: str, stats: Stats, dream: int) -> Client:
     return listener
 
 
-async def open_all(args: argparse.Namespace, stats: Stats) -> tuple[list[Client], Counter[str], float]:
+Connect = Callable[[str, str, Stats, int], Awaitable[Any]]
+
+
+async def open_all(
+    args: argparse.Namespace, stats: Stats, connect: Connect = connect
+) -> tuple[list[Any], Counter[str], float]:
     """Open every connection, at most `connect_concurrency` at a time; returns clients, errors, seconds."""
-    clients: list[Client] = []
+    clients: list[Any] = []
     errors: Counter[str] = Counter()
     indices = iter(range(args.clients))
     start = last = time.monotonic()
@@ -219,7 +232,7 @@ def percentile(ordered: list[float], fraction: float) -> float:
     return round(ordered[rank - 1] * 1000, 3)
 
 
-def report(clients: list[Client], stats: Stats) -> dict[str, Any]:
+def report(clients: list[Any], stats: Stats) -> dict[str, Any]:
     per_dream: Counter[int] = Counter()
     for client in clients:
         per_dream[client.dream] += client.received
@@ -252,9 +265,12 @@ def emit(event: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-async def main(args: argparse.Namespace) -> None:
+async def main(
+    args: argparse.Namespace, connect: Connect = connect, close: Callable[[list[Any]], Awaitable[None]] | None = None
+) -> None:
+    """`connect` and `close`: another kind of client (bench/sse_client.py) on the same commands."""
     stats = Stats()
-    clients, errors, seconds = await open_all(args, stats)
+    clients, errors, seconds = await open_all(args, stats, connect)
     emit(
         {
             "event": "ready",
@@ -279,7 +295,7 @@ async def main(args: argparse.Namespace) -> None:
                 # The measurement's publisher may number its messages afresh.
                 client.received, client.last_sequence = 0, -1
         elif command == "close":
-            await close_all(clients)
+            await (close or close_all)(clients)
             emit({"event": "closed"})
             return
         elif command:

@@ -35,11 +35,12 @@ from tests.support.redis import RedisServer  # noqa: E402
 from tests.support.uvicorn import UvicornServer  # noqa: E402
 
 SECRET = "bench-secret-0123456789abcdef-0123456789abcdef"
-STACKS = ("ours", "channels", "ceiling")
+STACKS = ("ours", "channels", "ceiling", "sse-starlette")
 APPS = {
     "ours": "bench.servers.ours:app",
     "channels": "bench.servers.channels_app.asgi:application",
     "ceiling": "bench.servers.ceiling:app",
+    "sse-starlette": "bench.servers.sse_starlette_app:app",
 }
 #: The same uvicorn for every stack: its fastest WebSocket implementation, uvloop, no compression.
 UVICORN_OPTIONS = [
@@ -60,9 +61,18 @@ UVICORN_LOG_LEVEL = "warning"
 #: `heartbeat_interval`, 30 s by default), so uvicorn's WebSocket pings, which would only repeat
 #: it, are off, as docs/deployment.md recommends; the others have none of their own and keep uvicorn's
 #: (every 20 s by default).
-STACK_OPTIONS = {"ours": ["--ws-ping-interval", "0"], "channels": [], "ceiling": []}
-HEARTBEAT_SECONDS = {"ours": 30.0, "channels": 20.0, "ceiling": 20.0}
-SCENARIOS = ("idle", "handshake", "fanout", "spread", "throughput")
+STACK_OPTIONS = {"ours": ["--ws-ping-interval", "0"], "channels": [], "ceiling": [], "sse-starlette": []}
+HEARTBEAT_SECONDS = {"ours": 30.0, "channels": 20.0, "ceiling": 20.0, "sse-starlette": 30.0}
+SCENARIOS = ("idle", "handshake", "fanout", "spread", "throughput", "sse_idle", "sse_fanout", "resume")
+#: The stacks each scenario runs on: WebSocket ones on the WebSocket stacks, event streams on
+#: ours and the sse-starlette baseline, resuming on ours only (the others cannot).
+WEBSOCKET_STACKS = ("ours", "channels", "ceiling")
+SCENARIO_STACKS = {
+    **dict.fromkeys(("idle", "handshake", "fanout", "spread", "throughput"), WEBSOCKET_STACKS),
+    "sse_idle": ("ours", "sse-starlette"),
+    "sse_fanout": ("ours", "sse-starlette"),
+    "resume": ("ours",),
+}
 #: How long delivery may stall before the rest counts as lost.
 DRAIN_TIMEOUT = 10.0
 #: How long delivery may go on after the last publish, however slowly: what has not arrived by
@@ -89,6 +99,8 @@ class Sizes:
     throughput_clients_per_dream: int = 10
     throughput_seconds: float = 10.0
     throughput_concurrency: int = 100
+    resume_clients: int = 1_000
+    resume_behind: int = 100
 
 
 SMOKE = Sizes(
@@ -107,6 +119,8 @@ SMOKE = Sizes(
     throughput_clients_per_dream=5,
     throughput_seconds=1.0,
     throughput_concurrency=10,
+    resume_clients=50,
+    resume_behind=20,
 )
 
 
@@ -154,6 +168,9 @@ class Server:
     def url(self) -> str:
         return self.uvicorn.ws_url("/dreams/{dream}")
 
+    def events_url(self) -> str:
+        return f"{self.uvicorn.base_url}/dreams/{{dream}}/events"
+
     def cpu_seconds(self) -> float:
         return proc_cpu_seconds(self.uvicorn.pid)
 
@@ -187,12 +204,16 @@ class LoadClient:
         self.ready = ready
 
     @classmethod
-    async def start(cls, server: Server, clients: int, dreams: int, first_dream: int) -> LoadClient:
+    async def start(
+        cls, server: Server, clients: int, dreams: int, first_dream: int, *, sse: bool = False, query: str = ""
+    ) -> LoadClient:
+        """`sse`: event streams (`sse_client.py`) instead of WebSockets; `query` is added to the URL."""
+        url = server.events_url() if sse else server.url()
         process = await asyncio.create_subprocess_exec(
             sys.executable,
-            str(ROOT / "bench" / "load_client.py"),
+            str(ROOT / "bench" / ("sse_client.py" if sse else "load_client.py")),
             "--url",
-            server.url(),
+            url + (f"?{query}" if query else ""),
             "--clients",
             str(clients),
             "--dreams",
@@ -297,9 +318,16 @@ def latency_figures(report: dict[str, Any]) -> dict[str, Any]:
 
 
 async def delivery(
-    server: Server, redis_url: str, sizes_clients: int, dreams: int, first_dream: int, publisher_args: list[str]
+    server: Server,
+    redis_url: str,
+    sizes_clients: int,
+    dreams: int,
+    first_dream: int,
+    publisher_args: list[str],
+    *,
+    sse: bool = False,
 ) -> dict[str, Any]:
-    client = await LoadClient.start(server, sizes_clients, dreams, first_dream)
+    client = await LoadClient.start(server, sizes_clients, dreams, first_dream, sse=sse)
     try:
         client_cpu = float(client.ready["cpu_seconds"])
         async with measured(server) as figures:
@@ -352,11 +380,59 @@ async def throughput(server: Server, redis_url: str, sizes: Sizes) -> dict[str, 
     return result
 
 
-async def idle(server: Server, redis_url: str, sizes: Sizes) -> dict[str, Any]:
-    warm = await LoadClient.start(server, 10, 10, 90_000)  # imports, backend connection, first groups
+async def sse_fanout(server: Server, redis_url: str, sizes: Sizes) -> dict[str, Any]:
+    args = ["--rate", str(sizes.fanout_rate), "--count", str(sizes.fanout_updates)]
+    result = await delivery(server, redis_url, sizes.fanout_clients, 1, 210_000, args, sse=True)
+    return {"rate_per_second": sizes.fanout_rate, **result}
+
+
+async def sse_idle(server: Server, redis_url: str, sizes: Sizes) -> dict[str, Any]:
+    return await idle(server, redis_url, sizes, sse=True)
+
+
+async def resume(server: Server, redis_url: str, sizes: Sizes) -> dict[str, Any]:
+    """A reconnect storm: `resume_clients` clients come back at once, each `resume_behind` updates
+    behind (`since` = the dream's epoch, seq 0): the time until every one has caught up."""
+    dream = 500_000
+    published = await publish(
+        server.stack, redis_url, "--first-dream", str(dream), "--rate", "1000", "--count", str(sizes.resume_behind)
+    )
+    import redis as redis_client
+
+    from starlette_dream_ws.groups.backends.redis import keys
+
+    with redis_client.Redis.from_url(redis_url) as client:
+        epoch = client.hget(keys(f"dream_images_{dream}")[0], "epoch")
+    assert epoch is not None, "the publisher gave the dream no position"
+    expected = sizes.resume_clients * published["published"]
+    async with measured(server) as figures:
+        started = time.monotonic()
+        load = await LoadClient.start(server, sizes.resume_clients, 1, dream, query=f"since={epoch.decode()}:0")
+        try:
+            received = await load.wait_for(expected)
+            caught_up = time.monotonic() - started
+            report = await load.command("report", "report")
+        finally:
+            await load.close()
+    return {
+        "clients": sizes.resume_clients,
+        "behind": published["published"],
+        "expected": expected,
+        "delivered": received,
+        "lost": expected - received,
+        "out_of_order": report.get("out_of_order"),
+        "closed_by_server": report.get("closed_by_server"),
+        "connect_seconds": load.ready["connect_seconds"],
+        "caught_up_seconds": round(caught_up, 3),
+        **figures,
+    }
+
+
+async def idle(server: Server, redis_url: str, sizes: Sizes, *, sse: bool = False) -> dict[str, Any]:
+    warm = await LoadClient.start(server, 10, 10, 90_000, sse=sse)  # imports, backend connection, first groups
     await warm.close()
     base = server.rss_kib()
-    client = await LoadClient.start(server, sizes.idle_clients, sizes.idle_dreams, 1)
+    client = await LoadClient.start(server, sizes.idle_clients, sizes.idle_dreams, 1, sse=sse)
     try:
         with_idle = server.rss_kib()
         async with measured(server) as figures:
@@ -402,6 +478,9 @@ RUNNERS: dict[str, Scenario] = {
     "fanout": fanout,
     "spread": spread,
     "throughput": throughput,
+    "sse_idle": sse_idle,
+    "sse_fanout": sse_fanout,
+    "resume": resume,
 }
 
 
@@ -409,11 +488,14 @@ async def run(stacks: list[str], scenarios: list[str], sizes: Sizes) -> list[dic
     results = []
     with tempfile.TemporaryDirectory(prefix="dream-ws-bench-") as tmp:
         for stack in stacks:
+            mine = [name for name in scenarios if stack in SCENARIO_STACKS[name]]
+            if not mine:
+                continue
             # A fresh Redis per stack: nothing one leaves behind (streams, groups) weighs on the next.
             with RedisServer(workdir=Path(tmp) / f"redis-{stack}") as redis:
                 server = Server(stack, redis, Path(tmp))
                 try:
-                    for name in scenarios:
+                    for name in mine:
                         await server.settle()
                         started = time.monotonic()
                         figures = await RUNNERS[name](server, redis.url, sizes)
@@ -454,6 +536,14 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("idle", "idle_cpu_percent_of_a_core", "idle 10k: server CPU % of a core", "lower"),
     ("handshake", "connect_seconds", "handshake: seconds for 5000", "lower"),
     ("handshake", "connections_per_second", "handshake: connections/s", "higher"),
+    ("sse_idle", "kib_per_connection", "SSE idle 10k: KiB per stream", "lower"),
+    ("sse_idle", "idle_cpu_percent_of_a_core", "SSE idle 10k: server CPU % of a core", "lower"),
+    ("sse_fanout", "latency_ms_p99", "SSE fan-out 1x1000: latency p99 (ms)", "lower"),
+    ("sse_fanout", "delivered", "SSE fan-out: delivered", ""),
+    ("sse_fanout", "server_cpu_seconds", "SSE fan-out: server CPU s", "lower"),
+    ("resume", "caught_up_seconds", "resume storm 1000 x 100 behind: seconds until all caught up", "lower"),
+    ("resume", "delivered", "resume storm: delivered", ""),
+    ("resume", "server_cpu_seconds", "resume storm: server CPU s", "lower"),
 ]
 
 

@@ -6,7 +6,7 @@ from typing import Protocol
 
 from starlette_dream_ws import Settings, asend_image_update
 
-STACKS = ("ours", "channels", "ceiling")
+STACKS = ("ours", "channels", "ceiling", "sse-starlette")
 
 
 class Publisher(Protocol):
@@ -35,7 +35,8 @@ async def open_publisher(stack: str, redis_url: str) -> Publisher:
         from bench.servers.channels_app.publish import open_channels_publisher
 
         return await open_channels_publisher(redis_url)
-    if stack == "ceiling":
+    if stack in ("ceiling", "sse-starlette"):
+        # Both forward the finished update as Redis carries it.
         from bench.servers.ceiling import open_ceiling_publisher
 
         return await open_ceiling_publisher(redis_url)

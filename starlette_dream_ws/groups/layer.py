@@ -10,6 +10,7 @@ and a lost backend connection is re-established by the reader task (`recovery.py
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -20,7 +21,7 @@ from ..protocol import Position, encode
 from ..settings import Settings
 from ..tasks import cancel_and_wait, quietly
 from .backends import create_backend
-from .contract import Backend, BackendFactory
+from .contract import Backend, BackendFactory, Published
 from .events import GroupEvent
 from .membership import Group, Member, decode
 from .publishing import BackendUnavailable, PublishError, PublishMetrics, retrying
@@ -28,6 +29,9 @@ from .recovery import reconnect, resubscribe
 from .subscriptions import Change, Subscriber
 
 logger = logging.getLogger("starlette_dream_ws.layer")
+
+#: Replayed events kept decoded (shared by the members that replay them), at most.
+MAX_REPLAYED = 1024
 
 T = TypeVar("T")
 
@@ -58,6 +62,8 @@ class GroupLayer:
         #: How many times the backend connection was re-established.
         self.reconnects = 0
         self.publish_metrics = PublishMetrics()
+        #: Events replayed lately, decoded once for every member that replays them.
+        self._recent: collections.OrderedDict[tuple[str, Position], GroupEvent] = collections.OrderedDict()
         self._reader: asyncio.Task[None] | None = None
         self._resubscriber: asyncio.Task[None] | None = None
         self._subscriber: Subscriber | None = None
@@ -244,8 +250,24 @@ class GroupLayer:
     async def replay(self, group: str, after: Position) -> Replay:
         """What a member that has seen `after` missed: the kept messages after it, oldest first."""
         history = await self._read(lambda backend: backend.history(group, after))
-        events = [event for event in map(decode, history.messages) if event is not None]
+        events = [event for event in map(self._replayed, history.messages) if event is not None]
         return Replay(history.current, events, history.complete_after(after))
+
+    def _replayed(self, published: Published) -> GroupEvent | None:
+        """`published` decoded, once per process for all the members that replay it (after a
+        restart, every client of a dream resumes from about the same place)."""
+        if published.position is None:
+            return decode(published)
+        key = (published.channel, published.position)
+        event = self._recent.get(key)
+        if event is None:
+            event = decode(published)
+            if event is None:
+                return None
+            self._recent[key] = event
+            if len(self._recent) > MAX_REPLAYED:
+                self._recent.popitem(last=False)
+        return event
 
     async def _read(self, read: Callable[[Backend], Awaitable[T]]) -> T:
         async def attempt() -> T:
