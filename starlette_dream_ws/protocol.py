@@ -6,14 +6,15 @@ producers all speak through these names, so a message is shaped in exactly one p
 
 from __future__ import annotations
 
-import dataclasses
 import enum
+import itertools
 import json
+import os
 import re
 import secrets
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 #: The subprotocol a client offers (and the server selects) to speak this protocol.
 SUBPROTOCOL = "dream-ws.v1"
@@ -52,10 +53,12 @@ _EPOCH = re.compile(r"[A-Za-z0-9_-]{1,32}")
 MAX_SEQ = 2**53 - 1
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Position:
+class Position(NamedTuple):
     """Where an update stands in its group's history: `seq` counts the group's updates (1 for
-    the first) within one unbroken history named `epoch`. Text form: `<epoch>:<seq>`."""
+    the first) within one unbroken history named `epoch`. Text form: `<epoch>:<seq>`.
+
+    A named tuple: one is made for every message a process receives, and it must be cheap.
+    Compare two with `follows`, not `<` (seqs of different epochs do not compare)."""
 
     epoch: str
     seq: int
@@ -66,7 +69,7 @@ class Position:
     def follows(self, other: Position | None) -> bool:
         """Whether this position comes after `other`: a later `seq` of the same epoch, or any
         position of another epoch (that history was lost; this one is what is true now)."""
-        return other is None or self.epoch != other.epoch or self.seq > other.seq
+        return other is None or self[0] != other[0] or self[1] > other[1]
 
     @classmethod
     def parse(cls, text: str) -> Position:
@@ -81,15 +84,38 @@ class Position:
 
 
 def new_epoch() -> str:
-    """A fresh epoch name: 11 URL-safe characters, unguessable, so two histories never share one."""
-    return secrets.token_urlsafe(8)
+    """A fresh epoch name: a random prefix of this process and a counter (every publish offers
+    one, in case the group has none, so it must be cheap), never the same twice."""
+    return _epoch_prefix + _base36(next(_epoch_counter))
+
+
+def _base36(number: int) -> str:
+    digits = ""
+    while True:
+        number, digit = divmod(number, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[digit] + digits
+        if not number:
+            return digits
+
+
+def _new_epoch_prefix() -> None:
+    # A forked child (Celery's prefork pool) must not repeat its parent's names.
+    global _epoch_prefix, _epoch_counter
+    _epoch_prefix, _epoch_counter = secrets.token_urlsafe(9), itertools.count()
+
+
+_epoch_prefix = ""
+_epoch_counter = itertools.count()
+_new_epoch_prefix()
+os.register_at_fork(after_in_child=_new_epoch_prefix)
 
 
 def with_position(content: dict[str, Any], text: str, position: Position) -> tuple[dict[str, Any], str]:
-    """A group event and its JSON text with `seq` and `epoch` added. The text is spliced, not
-    encoded again, when it is a plain JSON object without them (as producers publish it)."""
+    """A freshly decoded group event (changed in place) and its JSON text, with `seq` and
+    `epoch` added. The text is spliced, not encoded again, when it is a plain JSON object
+    without them (as producers publish it)."""
     splice = text.startswith("{") and not text.startswith("{}") and "seq" not in content and "epoch" not in content
-    content = {**content, "seq": position.seq, "epoch": position.epoch}
+    content["seq"], content["epoch"] = position.seq, position.epoch  # a fresh dict: no copy
     if splice:
         return content, f'{{"seq":{position.seq},"epoch":"{position.epoch}",{text[1:]}'
     return content, encode(content)

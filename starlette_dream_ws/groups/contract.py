@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..protocol import Position
 
@@ -23,9 +23,9 @@ class BackendConnectionLost(ConnectionError):
     """The backend's connection ended (or fell behind); the layer reconnects and catches up."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Published:
-    """One message as a backend delivers it: live, or read back from history."""
+class Published(NamedTuple):
+    """One message as a backend delivers it: live, or read back from history (a named tuple:
+    one is made for every message a process receives)."""
 
     channel: str
     text: str

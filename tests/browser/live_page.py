@@ -47,6 +47,7 @@ _CARDS_SCRIPT = """
     dream: Number(text('h2').replace(/\\D+/g, '')),
     connection: card.querySelector('.connection').dataset.state,
     connection_text: text('.connection'),
+    resume: card.querySelector('.resume').hidden ? null : text('.resume'),
     status: card.querySelector('.status').dataset.status ?? null,
     status_text: text('.status'),
     message: text('.message'),

@@ -203,7 +203,9 @@ def test_the_page_reconnects_to_a_restarted_server_and_catches_up(
     for dream, (status, message, _) in away.items():
         card = back[dream]
         assert card["notice"] is None
-        # The re-sync (request_status) brings the latest state, which the history lists once.
+        # It resumed from the update it had shown: the one it missed came back, no re-sync needed.
+        assert card["resume"] == "resumed", card
+        # The missed update is the latest state, which the history lists once.
         assert [(item["status"], item["note"]) for item in card["history"]] == [
             (status, message),
             ("processing", "Dreaming..."),

@@ -12,7 +12,7 @@ from tests.support.postgres import PostgresServer
 from tests.support.processes import workdir
 from tests.support.producers import producer_call, run_producer
 from tests.support.tokens import TokenFactory
-from tests.support.uvicorn import UvicornServer, server_env, serving
+from tests.support.uvicorn import UvicornServer, serving_pair
 
 from .client import connect_dream, established, recv_json, send_json
 from .outage import check_delivery_across_outage
@@ -33,12 +33,7 @@ def outage_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgr
 def outage_servers(
     outage_postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[UvicornServer, UvicornServer]]:
-    env = server_env(outage_postgres.url)
-    pair = (
-        UvicornServer(env, workdir=workdir(tmp_path_factory, "pg-outage-server-a")),
-        UvicornServer(env, workdir=workdir(tmp_path_factory, "pg-outage-server-b")),
-    )
-    with serving(*pair):
+    with serving_pair(outage_postgres.url, tmp_path_factory, "pg-outage-server") as pair:
         yield pair
 
 

@@ -12,7 +12,7 @@ from tests.support.processes import workdir
 from tests.support.producers import ProducerProcess, producer_call, run_producer
 from tests.support.redis import RedisServer
 from tests.support.tokens import TokenFactory
-from tests.support.uvicorn import UvicornServer, server_env, serving
+from tests.support.uvicorn import UvicornServer, serving_pair
 
 from .client import connect_dream, established, recv_json, send_json
 from .outage import check_delivery_across_outage
@@ -33,11 +33,7 @@ def outage_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def outage_servers(
     outage_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[UvicornServer, UvicornServer]]:
-    pair = (
-        UvicornServer(server_env(outage_redis.url), workdir=workdir(tmp_path_factory, "outage-server-a")),
-        UvicornServer(server_env(outage_redis.url), workdir=workdir(tmp_path_factory, "outage-server-b")),
-    )
-    with serving(*pair):
+    with serving_pair(outage_redis.url, tmp_path_factory, "outage-server") as pair:
         yield pair
 
 

@@ -17,7 +17,7 @@ from tests.support.processes import workdir
 from tests.support.producers import ProducerProcess, producer_call, run_producer
 from tests.support.redis import RedisServer
 from tests.support.tokens import TokenFactory
-from tests.support.uvicorn import UvicornServer, server_env, serving
+from tests.support.uvicorn import UvicornServer, serving_pair
 
 from .client import connect_dream, established, recv_json
 
@@ -170,11 +170,7 @@ def restart_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
 def restart_servers(
     restart_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[UvicornServer, UvicornServer]]:
-    pair = (
-        UvicornServer(server_env(restart_redis.url), workdir=workdir(tmp_path_factory, "resume-server-a")),
-        UvicornServer(server_env(restart_redis.url), workdir=workdir(tmp_path_factory, "resume-server-b")),
-    )
-    with serving(*pair):
+    with serving_pair(restart_redis.url, tmp_path_factory, "resume-server") as pair:
         yield pair
 
 

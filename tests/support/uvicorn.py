@@ -27,6 +27,7 @@ from .processes import (
     free_port,
     port_open,
     stop_process,
+    workdir,
 )
 from .processes import spawn as spawn_process
 from .tokens import JWT_SECRET
@@ -209,13 +210,21 @@ def serving(*servers: UvicornServer) -> Iterator[None]:
 
 
 def server_env(backend_url: str, **extra: str) -> dict[str, str]:
-    """Groups and latest state on `backend_url` (Redis or PostgreSQL), and the tokens' secret."""
-    return {
-        "DREAM_WS_BROADCAST_URL": backend_url,
-        "DREAM_WS_STATE_URL": backend_url,
-        "DREAM_WS_JWT_SECRET": JWT_SECRET,
-        **extra,
-    }
+    """Groups on `backend_url` (Redis or PostgreSQL), and the tokens' secret."""
+    return {"DREAM_WS_BROADCAST_URL": backend_url, "DREAM_WS_JWT_SECRET": JWT_SECRET, **extra}
+
+
+@contextlib.contextmanager
+def serving_pair(backend_url: str, tmp_path_factory: Any, name: str) -> Iterator[tuple[UvicornServer, UvicornServer]]:
+    """Servers `<name>-a` and `<name>-b` on `backend_url`, running for the block (a module's own
+    pair, beside a backend it may stop)."""
+    env = server_env(backend_url)
+    pair = (
+        UvicornServer(env, workdir=workdir(tmp_path_factory, f"{name}-a")),
+        UvicornServer(env, workdir=workdir(tmp_path_factory, f"{name}-b")),
+    )
+    with serving(*pair):
+        yield pair
 
 
 def servers_in(value: Any) -> list[UvicornServer]:
