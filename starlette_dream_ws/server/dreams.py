@@ -109,7 +109,8 @@ class DreamImagesConsumer(Consumer):
         self.outbox.put_now(StatusAnswer(latest))
 
     async def receive_refresh_token(self, content: dict[str, Any]) -> None:
-        """Replace the connection's token before it expires; it must name the same user."""
+        """Replace the connection's token before it expires; it must name the same user, who
+        is authorized again (a user whose access was revoked gets 4403, not more updates)."""
         token = content.get("token")
         if not isinstance(token, str) or self.context.verifier is None:
             await self.send_error("invalid_message", "refresh_token needs a 'token' string")
@@ -121,6 +122,8 @@ class DreamImagesConsumer(Consumer):
         if self.user is None or user.id != self.user.id:
             raise CloseConnection(CloseCodes.UNAUTHENTICATED, "unauthenticated", "the new token is for another user")
         self.user = user
+        if not await self.authorize():
+            raise CloseConnection(CloseCodes.FORBIDDEN, "forbidden", "you may no longer watch this")
         await self.send_json({"type": "token_refreshed", "expires_at": user.expires_at})
 
 

@@ -92,3 +92,17 @@ async def test_refresh_token_for_another_user_closes_with_4401(make_app: MakeApp
         code, messages = await ws.expect_close()
     assert code == 4401
     assert messages[-1]["code"] == "unauthenticated"
+
+
+async def test_a_refreshed_token_is_authorized_again_and_a_revoked_user_gets_4403(make_app: MakeApp) -> None:
+    allowed = {"u1"}
+    app = make_app(authorize=lambda user, dream_id: user.id in allowed)
+    async with ConsumerTestClient(app) as client, client.connect("/dreams/1", user="u1") as ws:
+        await ws.receive_json()
+        await ws.send_json({"type": "refresh_token", "token": client.token("u1")})
+        assert (await ws.receive_until("token_refreshed"))["type"] == "token_refreshed"
+        allowed.clear()  # access revoked while connected
+        await ws.send_json({"type": "refresh_token", "token": client.token("u1")})
+        code, messages = await ws.expect_close()
+    assert code == 4403
+    assert messages[-1]["code"] == "forbidden"
