@@ -99,8 +99,3 @@ def split_position(data: str) -> tuple[Position | None, str]:
         except ValueError:
             pass
     return None, data
-
-
-def with_position_prefix(position: Position, text: str) -> str:
-    """The reverse of `split_position`."""
-    return f"{position} {text}"

@@ -112,11 +112,6 @@ class Connection:
         """Whether group events may still be buffered for this connection."""
         return self.close_reason is None and self.state <= _OPEN
 
-    @property
-    def sending(self) -> bool:
-        """Whether frames may be sent: accepted, and no close frame sent yet."""
-        return _ACCEPTED <= self.state <= _CLOSING
-
     def offered_subprotocols(self) -> list[str]:
         return [str(p).strip() for p in self.scope.get("subprotocols") or []]
 
@@ -192,6 +187,7 @@ class Connection:
         await self.send_json(error_message(code, message))
 
     async def send_frame(self, message: dict[str, Any]) -> None:
+        # Frames go out from accepted until the close frame is sent.
         if not _ACCEPTED <= self.state <= _CLOSING:
             return
         try:
