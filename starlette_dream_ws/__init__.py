@@ -20,6 +20,7 @@ _EXPORTS = {
     "ImageStatus": "protocol",
     "dream_group": "protocol",
     "image_update_message": "protocol",
+    "job_group": "protocol",
     "ConfigurationError": "settings",
     "Settings": "settings",
     "BackendUnavailable": "groups",
@@ -28,9 +29,12 @@ _EXPORTS = {
     "PublishError": "groups",
     "asend_image_update": "producers",
     "aclose_producers": "producers",
+    "apublish": "producers",
+    "publish": "producers",
     "close_producers": "producers",
     "send_image_update": "producers",
     "AuthenticationFailed": "server.auth",
+    "Authenticator": "server.auth",
     "Authorizer": "server.auth",
     "User": "server.auth",
     "allow_any_authenticated_user": "server.auth",
@@ -40,6 +44,7 @@ _EXPORTS = {
     "ConsumerContext": "server.context",
     "ConsumerApp": "server.app",
     "DreamImagesConsumer": "server.dreams",
+    "JobConsumer": "server.jobs",
     "DreamWebSocketApp": "server.dreams",
 }
 
@@ -47,6 +52,7 @@ __all__ = [
     "SUBPROTOCOL",
     "TOKEN_SUBPROTOCOL_PREFIX",
     "AuthenticationFailed",
+    "Authenticator",
     "Authorizer",
     "BackendUnavailable",
     "CloseCodes",
@@ -61,15 +67,19 @@ __all__ = [
     "GroupEvent",
     "GroupLayer",
     "ImageStatus",
+    "JobConsumer",
     "PublishError",
     "Settings",
     "User",
     "aclose_producers",
     "allow_any_authenticated_user",
+    "apublish",
     "asend_image_update",
     "close_producers",
     "dream_group",
     "image_update_message",
+    "job_group",
+    "publish",
     "send_image_update",
 ]
 
@@ -89,7 +99,14 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .groups import BackendUnavailable, GroupEvent, GroupLayer, PublishError
-    from .producers import aclose_producers, asend_image_update, close_producers, send_image_update
+    from .producers import (
+        aclose_producers,
+        apublish,
+        asend_image_update,
+        close_producers,
+        publish,
+        send_image_update,
+    )
     from .protocol import (
         SUBPROTOCOL,
         TOKEN_SUBPROTOCOL_PREFIX,
@@ -97,11 +114,13 @@ if TYPE_CHECKING:
         ImageStatus,
         dream_group,
         image_update_message,
+        job_group,
     )
     from .server.app import ConsumerApp
-    from .server.auth import AuthenticationFailed, Authorizer, User, allow_any_authenticated_user
+    from .server.auth import AuthenticationFailed, Authenticator, Authorizer, User, allow_any_authenticated_user
     from .server.connection import CloseConnection, ConnectionState
     from .server.consumer import Consumer
     from .server.context import ConsumerContext
     from .server.dreams import DreamImagesConsumer, DreamWebSocketApp
+    from .server.jobs import JobConsumer
     from .settings import ConfigurationError, Settings

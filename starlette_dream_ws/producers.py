@@ -1,8 +1,8 @@
 """Publishing updates from any process: the server's own code, threads, Celery workers.
 
 Depends on `protocol`, `groups` and `settings` only: a Celery worker that publishes loads no
-server code. `asend_image_update` publishes on the current loop. `send_image_update` is for
-sync code:
+server code. `apublish(group, event)` publishes any event to any group on the current loop;
+`asend_image_update` is its form for dreams. `publish` and `send_image_update` are for sync code:
 
 * in a thread of a process that serves the app (a sync endpoint, a thread pool), it hands
   the publish to the app's loop, reusing the app's backend connection;
@@ -21,12 +21,12 @@ import functools
 import os
 import selectors
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
 from .groups import GroupLayer, shared
 from .groups.backends import is_process_local
-from .protocol import dream_group, image_update_message
+from .protocol import check_event, check_group, dream_group, image_update_message
 from .settings import Settings
 
 T = TypeVar("T")
@@ -38,23 +38,43 @@ _lock = threading.Lock()
 def _resolve(settings: Settings | None) -> tuple[Settings, GroupLayer | None]:
     """The settings a call publishes with, and the layer of an app of this process on them.
 
-    Without `settings`, the one app of this process decides (the environment is read only
-    when there is none, once per call).
+    Without `settings`, the one app of this process decides, started or not (the environment
+    is read only when there is none, once per call).
     """
     if settings is None:
         layer = shared.only_layer()
         if layer is not None:
             return layer.settings, layer
-        settings = Settings.from_env()
+        # An app not started yet (mounted, before its first connection) still decides.
+        settings = shared.only_declared() or Settings.from_env()
     return settings, shared.find(settings)
 
 
 def _refuse_lone_memory(settings: Settings) -> None:
-    if is_process_local(settings.broadcast_url):
+    if is_process_local(settings.broadcast_url) and not shared.declared(settings.broadcast_url):
         raise RuntimeError(
-            "memory:// only reaches connections served by this process, and no app is running here: "
-            "set DREAM_WS_BROADCAST_URL to a redis:// URL shared with the server"
+            f"{settings.broadcast_url} only reaches connections served by this process, and this "
+            "process serves no app: set DREAM_WS_BROADCAST_URL (the broadcast_url setting) to the "
+            "redis:// or postgresql:// URL the servers use"
         )
+
+
+async def apublish(group: str, event: Mapping[str, Any], *, settings: Settings | None = None) -> None:
+    """Publish `event` (a JSON object with a `type`) to every member of `group`, in every
+    process, and keep it as the group's latest state.
+
+    Without `settings`, uses the app running in this process, else `DREAM_WS_*` variables.
+    Retries with backoff, then raises `PublishError`; `ValueError`/`TypeError` for a bad group
+    name or event, before anything is sent.
+    """
+    content = _checked(group, event)
+    settings, layer = _resolve(settings)
+    await _publish(settings, layer, group, content)
+
+
+def _checked(group: str, event: Mapping[str, Any]) -> dict[str, Any]:
+    check_group(group)
+    return check_event(event)
 
 
 async def asend_image_update(
@@ -62,15 +82,17 @@ async def asend_image_update(
     image_urls: Sequence[str] | None = None,
     status: str = "processing",
     message: str | None = None,
+    progress: int | None = None,
     *,
     settings: Settings | None = None,
 ) -> None:
     """Publish an `image_update` to everyone watching `dream_id`, and record it as the latest.
 
-    Without `settings`, uses the app running in this process, else `DREAM_WS_*` variables.
-    Retries with backoff, then raises `PublishError`; `ValueError` for a bad status.
+    `progress` (0-100) is optional. Without `settings`, uses the app running in this process,
+    else `DREAM_WS_*` variables. Retries with backoff, then raises `PublishError`; `ValueError`
+    (or `TypeError`) for a bad argument, before anything is sent.
     """
-    update = image_update_message(dream_id, image_urls, status, message)
+    update = image_update_message(dream_id, image_urls, status, message, progress)
     settings, layer = _resolve(settings)
     await _publish(settings, layer, dream_group(dream_id), update)
 
@@ -100,6 +122,7 @@ def blocking(
 
 
 send_image_update = blocking(asend_image_update, "send_image_update", check=image_update_message)
+publish = blocking(apublish, "publish", check=_checked)
 
 
 def _refuse_in_loop_thread(async_name: str) -> None:

@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 #: The subprotocol a client offers (and the server selects) to speak this protocol.
@@ -130,9 +130,55 @@ def error_message(code: str, message: str) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message}
 
 
+#: What a message `type` may be: lower case, digits, `_` and `.` (`.` maps to `_` in handler
+#: names, as in Channels). Anything else is answered with `unknown_type` / `unknown_event`.
+TYPE_NAME = re.compile(r"[a-z][a-z0-9_.]{0,63}")
+#: What a group name may be: what every backend keeps as is (PostgreSQL truncates channel names
+#: past 63 bytes; a brace would break the hash tag that keeps a Redis Cluster group in one slot).
+GROUP_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,63}")
+#: What a job id taken from a URL may be, so that `job_group` always makes a valid group name.
+JOB_ID = re.compile(r"[A-Za-z0-9_.:-]{1,48}")
+
+
+def check_group(group: str) -> str:
+    """`group` if it is a valid group name, else `ValueError` (or `TypeError`)."""
+    if not isinstance(group, str):
+        raise TypeError(f"a group name is a string, got {type(group).__name__}")
+    if not GROUP_NAME.fullmatch(group):
+        raise ValueError(f"a group name is 1 to 63 of A-Z a-z 0-9 _ . : - , got {group[:80]!r}")
+    return group
+
+
+def check_event(event: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a group event if it can be published: a JSON object whose `type` follows
+    `TYPE_NAME` (the consumer's handler for it is `type` with `.` as `_`). Raises `ValueError`
+    or `TypeError` before anything is published."""
+    if not isinstance(event, Mapping):
+        raise TypeError(f"an event is a mapping (a JSON object), got {type(event).__name__}")
+    kind = event.get("type")
+    if not isinstance(kind, str) or not TYPE_NAME.fullmatch(kind):
+        raise ValueError(f"an event needs a 'type' matching {TYPE_NAME.pattern}, got {kind!r}")
+    content = dict(event)
+    try:
+        json.dumps(content, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError, RecursionError, UnicodeEncodeError) as exc:
+        raise ValueError(f"an event must be plain JSON: {exc}") from None
+    return content
+
+
+def job_group(kind: str, job_id: object) -> str:
+    """The group every connection watching job `job_id` of `kind` joins: `<kind>_<job_id>`
+    (a UUID in its canonical text form). `ValueError` if that is not a valid group name."""
+    return check_group(f"{kind}_{job_id}")
+
+
+#: The group kind of dreams: `dream_images_<dream_id>`.
+DREAM_GROUP_KIND = "dream_images"
+
+
 def dream_group(dream_id: int) -> str:
     """The group every connection watching `dream_id` joins."""
-    return f"dream_images_{dream_id}"
+    return f"{DREAM_GROUP_KIND}_{dream_id}"
 
 
 def image_update_message(
@@ -140,9 +186,11 @@ def image_update_message(
     image_urls: Sequence[str] | None = None,
     status: str = "processing",
     message: str | None = None,
+    progress: int | None = None,
 ) -> dict[str, Any]:
     """Validate an update and build the `image_update` message clients receive.
 
+    `progress` (0-100, optional) is how far the job has got; it is only sent when given.
     Raises `ValueError` (or `TypeError`) before anything is published.
     """
     if isinstance(dream_id, bool) or not isinstance(dream_id, int):
@@ -159,7 +207,7 @@ def image_update_message(
         raise TypeError("image_urls must be a list of URL strings")
     if message is not None and not isinstance(message, str):
         raise TypeError("message must be a string or None")
-    return {
+    update = {
         "type": "image_update",
         "dream_id": dream_id,
         "status": status,
@@ -167,3 +215,15 @@ def image_update_message(
         "timestamp": time.time(),
         "message": message,
     }
+    if progress is not None:
+        update["progress"] = check_progress(progress)
+    return update
+
+
+def check_progress(progress: int) -> int:
+    """A percentage, 0 to 100 (an int: a float would promise precision nobody measured)."""
+    if isinstance(progress, bool) or not isinstance(progress, int):
+        raise TypeError(f"progress must be an int from 0 to 100, got {type(progress).__name__}")
+    if not 0 <= progress <= 100:
+        raise ValueError(f"progress must be from 0 to 100, got {progress}")
+    return progress

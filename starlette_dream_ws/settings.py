@@ -81,6 +81,12 @@ class Settings:
 
     #: Serve Prometheus metrics at `<mount>/metrics` (off: the figures are the integrator's to expose).
     metrics: bool = False
+    #: When set, `<mount>/metrics` answers only requests with `Authorization: Bearer <metrics_token>`.
+    metrics_token: str | None = None
+    #: Serve the AsyncAPI 3.0 document of the app's consumers at `<mount>/asyncapi.json`.
+    asyncapi: bool = False
+    #: `text` (one `event key=value` line) or `json` (one JSON object per line, for log shippers).
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         from .groups.backends import unsupported  # here: the groups package imports settings
@@ -118,6 +124,8 @@ class Settings:
         for name in (*counts, "max_connections_per_user"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1")
+        if self.log_format not in ("text", "json"):
+            raise ConfigurationError("log_format must be 'text' or 'json'")
         if self.publish_retries < 0 or self.max_messages_per_second <= 0:
             raise ConfigurationError("publish_retries must be >= 0 and max_messages_per_second positive")
 

@@ -8,17 +8,43 @@ app's connection instead of opening their own.
 from __future__ import annotations
 
 import threading
+import weakref
 
 from ..settings import Settings
 from .layer import GroupLayer
 
 _layers: dict[str, GroupLayer] = {}
+#: The layers of the apps created in this process, started or not (weakly: an app that is
+#: gone no longer counts).
+_declared: weakref.WeakSet[GroupLayer] = weakref.WeakSet()
 _lock = threading.Lock()
 
 
 def register(layer: GroupLayer) -> None:
     with _lock:
         _layers[layer.settings.broadcast_url] = layer
+
+
+def declare(layer: GroupLayer) -> None:
+    """An app with this layer exists in this process (it may not have started yet)."""
+    with _lock:
+        _declared.add(layer)
+
+
+def declared(url: str) -> bool:
+    """Whether an app on `url` was created in this process: a process-local backend (memory://)
+    then has someone to deliver to, even before the app's first connection."""
+    with _lock:
+        return any(layer.settings.broadcast_url == url for layer in _declared)
+
+
+def only_declared() -> Settings | None:
+    """The settings of the apps created in this process, if they all use one URL."""
+    with _lock:
+        layers = list(_declared)
+    if not layers or len({layer.settings.broadcast_url for layer in layers}) > 1:
+        return None
+    return layers[0].settings
 
 
 def unregister(layer: GroupLayer) -> None:

@@ -29,24 +29,26 @@ from types import FrameType
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import Match, Route, Router, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 from ..groups import BackendUnavailable, GroupLayer, shared
-from ..protocol import CloseCodes
-from ..settings import Settings
-from . import redaction, sse
-from .auth import TokenVerifier
+from ..protocol import CloseCodes, encode, error_message
+from ..settings import ConfigurationError, Settings
+from . import probes, redaction, sse
+from .auth import Authenticator, TokenVerifier
 from .connection import CloseConnection
 from .consumer import Consumer
 from .context import ConsumerContext
 from .heartbeat import Heartbeat
-from .metrics import exposition
+from .logs import configure_logging
 
 logger = logging.getLogger("starlette_dream_ws.app")
 
 STATIC = Path(__file__).parent.parent / "static"
+#: The error a connection gets when the app cannot start (the reason is in the server's log).
+MISCONFIGURED = encode(error_message("internal_error", "the server is misconfigured"))
 #: Seconds `close()` waits for connections to finish closing.
 SHUTDOWN_TIMEOUT = 5.0
 
@@ -59,6 +61,7 @@ class ConsumerApp:
         routes: Mapping[str, type[Consumer]],
         *,
         authorize: Callable[..., Any] | None = None,
+        authenticate: Authenticator | None = None,
         settings: Settings | None = None,
         **overrides: Any,
     ) -> None:
@@ -67,7 +70,12 @@ class ConsumerApp:
         elif overrides:
             settings = dataclasses.replace(settings, **overrides)
         self.settings = settings
+        configure_logging(settings)
         self.layer = GroupLayer(settings)
+        # Before the first handshake is logged: at debug level servers print its headers.
+        redaction.install()
+        # Producers of this process may publish on memory:// before the first connection.
+        shared.declare(self.layer)
         self._started = False
         # The heartbeat looks at every open connection: one set of them (an entry costs tens of
         # bytes per connection in each set it is in).
@@ -76,19 +84,23 @@ class ConsumerApp:
         self.context = ConsumerContext(
             settings=settings,
             layer=self.layer,
-            verifier=TokenVerifier(settings),
+            # Made in `start()`: a missing JWT secret must not stop the app from being imported.
+            verifier=None,
             heartbeat=self.heartbeat,
             authorize=authorize,
+            authenticate=authenticate,
             consumers=consumers,
         )
         # Consumer routes are matched in __call__, before the router (which serves the rest):
         # each consumer at its path over WebSocket, and at `<path>/events` as an event stream.
-        self._consumer_routes = [WebSocketRoute(path, cls) for path, cls in routes.items()]
+        self._consumer_routes = [(WebSocketRoute(path, cls), cls) for path, cls in routes.items()]
         self._stream_routes = [(Route(sse.events_path(path), _no_endpoint), cls) for path, cls in routes.items()]
         self.router = Router(
             routes=[
                 Route("/dream-ws.js", self._client_script, methods=["GET", "HEAD"]),
                 Route("/health", self._health, methods=["GET"]),
+                Route("/health/live", self._live, methods=["GET"]),
+                Route("/health/ready", self._health, methods=["GET"]),
                 Route("/metrics", self._metrics, methods=["GET"]),
             ],
             lifespan=lambda _: self.lifespan(),
@@ -98,14 +110,11 @@ class ConsumerApp:
         if scope["type"] == "websocket":
             # Matched here rather than by the router: a connection waits in these frames for
             # as long as it is open, and the router's would add a few hundred bytes to each.
-            for route in self._consumer_routes:
+            for route, consumer in self._consumer_routes:
                 match, child_scope = route.matches(scope)
                 if match is Match.FULL:
                     scope.update(child_scope)
-                    # If the backend is down, the consumer closes with 1013 when it joins its group.
-                    with contextlib.suppress(BackendUnavailable):
-                        await self.start()
-                    await route.endpoint(scope, receive, send, self.context).run()
+                    await self._serve(consumer, scope, receive, send)
                     return
         elif scope["type"] == "http":
             for stream_route, consumer in self._stream_routes:
@@ -117,21 +126,38 @@ class ConsumerApp:
                         await send(message)
                     return
                 scope.update(child_scope)
-                with contextlib.suppress(BackendUnavailable):
-                    await self.start()
                 stream = sse.EventStream(receive, send)
-                await consumer(scope, stream.receive, stream.send, self.context).run()
+                await self._serve(consumer, scope, stream.receive, stream.send)
                 return
         await self.router(scope, receive, send)
 
-    async def start(self) -> None:
-        """Connect the groups layer (idempotent); done lazily on the first connection.
+    async def _serve(self, consumer: type[Consumer], scope: Scope, receive: Receive, send: Send) -> None:
+        """Run one connection (an event stream speaks WebSocket messages through its adapter)."""
+        try:
+            await self.start()
+        except BackendUnavailable:
+            pass  # the consumer closes with 1013 when it joins its group
+        except ConfigurationError as exc:
+            logger.error("refusing connections: %s", exc)
+            if (await receive())["type"] == "websocket.connect":
+                # Accepted first, as every refusal: browsers see the code and the error.
+                await send({"type": "websocket.accept"})
+                await send({"type": "websocket.send", "text": MISCONFIGURED})
+                await send({"type": "websocket.close", "code": CloseCodes.INTERNAL_ERROR, "reason": ""})
+            return
+        await consumer(scope, receive, send, self.context).run()
 
-        Raises `BackendUnavailable` if the backend cannot be reached now.
+    async def start(self) -> None:
+        """Check the settings and connect the groups layer (idempotent); done lazily on the
+        first connection.
+
+        Raises `ConfigurationError` (say, HS256 without a secret) and `BackendUnavailable` if
+        the backend cannot be reached now.
         """
         if self._started and self.layer.connected:
             return  # every connection calls this: the common case is one check
-        redaction.install()
+        if self.context.authenticate is None and self.context.verifier is None:
+            self.context.verifier = TokenVerifier(self.settings)
         await self.layer.connect()
         shared.register(self.layer)
         self._started = True
@@ -161,7 +187,7 @@ class ConsumerApp:
         connections are closed with 1001 at once (see `close_on_signals`).
         """
         try:
-            await self.start()
+            await self.start()  # a ConfigurationError stops the server's start-up here
         except BackendUnavailable as exc:
             logger.warning("starting without the groups backend (%s); will retry on demand", exc)
         try:
@@ -179,36 +205,25 @@ class ConsumerApp:
         return FileResponse(STATIC / "dream-ws.js", media_type="text/javascript")
 
     async def _health(self, request: Request) -> Response:
-        # A mounted app may not have connected yet: a readiness probe must not wait for traffic.
-        with contextlib.suppress(BackendUnavailable):
-            await self.start()
-        healthy = self.layer.healthy
-        return JSONResponse(
-            {
-                "status": "ok" if healthy else "unavailable",
-                "backend_connected": healthy,
-                "connections": len(self.context.consumers),
-                "backend_reconnects": self.layer.reconnects,
-                "slow_closed": self.context.metrics.slow_closed,
-                "dropped": self.context.metrics.dropped,
-            },
-            status_code=200 if healthy else 503,
-        )
+        # Readiness, at `/health/ready` and, as before, at `/health`.
+        return await probes.readiness(self)
 
     def metrics_text(self) -> str:
         """This process's figures in the Prometheus text format (to serve from your own route)."""
-        return exposition(
-            self.context.metrics,
-            self.layer.publish_metrics,
-            open_connections=len(self.context.consumers),
-            backend_connected=self.layer.healthy,
-            backend_reconnects=self.layer.reconnects,
-        )
+        return probes.exposition(self).text()
 
     async def _metrics(self, request: Request) -> Response:
-        if not self.settings.metrics:
-            return PlainTextResponse("Not Found", status_code=404)
-        return PlainTextResponse(self.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return probes.metrics(self, request)
+
+    async def _live(self, request: Request) -> Response:
+        return probes.liveness()
+
+    def prometheus_collector(self) -> probes.DreamWsCollector:
+        """A prometheus-client collector of this app's figures, read at each scrape: register it
+        in your registry (`prometheus_client.REGISTRY.register(app.prometheus_collector())`)
+        to serve them from your own `/metrics`. Needs the `prometheus` extra (else `ImportError`).
+        """
+        return probes.prometheus_collector(self)
 
 
 async def _no_endpoint(request: Request) -> Response:

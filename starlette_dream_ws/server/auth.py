@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import jwt
+from starlette.requests import HTTPConnection
 
 from ..protocol import SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX
 from ..settings import Settings
@@ -26,10 +27,12 @@ __all__ = [
     "SUBPROTOCOL",
     "TOKEN_SUBPROTOCOL_PREFIX",
     "AuthenticationFailed",
+    "Authenticator",
     "Authorizer",
     "TokenVerifier",
     "User",
     "allow_any_authenticated_user",
+    "call_authenticator",
     "call_authorizer",
     "extract_token",
 ]
@@ -60,11 +63,16 @@ class User:
         return float(exp) if isinstance(exp, int | float) else None
 
 
-#: Decides whether `user` may watch the dream with this id; may be async.
-Authorizer = Callable[[User, int], bool | Awaitable[bool]]
+#: Decides whether `user` may watch the job with this id (a dream id for dreams; the value of
+#: the route's path parameter, or all of them as a dict when there are several); may be async.
+Authorizer = Callable[[User, Any], bool | Awaitable[bool]]
+#: Authenticates a connection from the app's own session or cookie instead of a token: returns
+#: the `User`, or None to refuse (4401). Gets the handshake request (`HTTPConnection`, with
+#: `.session` under Starlette's `SessionMiddleware`, `.cookies`, `.headers`); may be async.
+Authenticator = Callable[[HTTPConnection], User | Awaitable[User | None] | None]
 
 
-def allow_any_authenticated_user(user: User, dream_id: int) -> bool:
+def allow_any_authenticated_user(user: User, job_id: Any) -> bool:
     """An authorizer for apps where every authenticated user may watch every dream.
 
     Passing it is the explicit opt-in the protocol asks for; there is no such default.
@@ -72,11 +80,20 @@ def allow_any_authenticated_user(user: User, dream_id: int) -> bool:
     return True
 
 
-async def call_authorizer(authorize: Authorizer, user: User, dream_id: int) -> bool:
-    result = authorize(user, dream_id)
+async def call_authorizer(authorize: Authorizer, user: User, target: Any) -> bool:
+    result = authorize(user, target)
     if inspect.isawaitable(result):
         result = await result
     return result is True
+
+
+async def call_authenticator(authenticate: Authenticator, connection: HTTPConnection) -> User | None:
+    result = authenticate(connection)
+    if inspect.isawaitable(result):
+        result = await result
+    if result is not None and not isinstance(result, User):
+        raise TypeError(f"authenticate must return a User or None, not {type(result).__name__}")
+    return result
 
 
 def extract_token(

@@ -20,7 +20,7 @@ from starlette.types import Message, Receive, Scope, Send
 from ..groups import BackendUnavailable, GroupLayer
 from ..protocol import CloseCodes, Position
 from ..settings import Settings
-from .auth import AuthenticationFailed, User, extract_token
+from .auth import AuthenticationFailed, User, call_authenticator, call_authorizer, extract_token
 from .connection import CloseConnection, Connection, ConnectionState
 from .context import ConsumerContext
 from .dispatch import CLIENT_PREFIX, EVENT_PREFIX, Handler, find_handler
@@ -33,6 +33,10 @@ from .resume import Resumption, resume
 from .sse import is_event_stream
 
 logger = logging.getLogger("starlette_dream_ws.consumer")
+
+#: Where a refused Origin is allowed (named in the log line and the error).
+ORIGIN_SETTING = "DREAM_WS_ALLOWED_ORIGINS"
+ORIGIN_HINT = f"allow it with {ORIGIN_SETTING} (the allowed_origins setting)"
 
 #: The cancellation message that ends a connection's reader, not the server.
 STOP_READING = "dream-ws: closed by the server"
@@ -94,7 +98,7 @@ class Consumer(Connection):
         """
         await self.accept()
         self.check_origin()
-        self.user = self.authenticate()
+        self.user = await self.authenticate()
         self.count_user(self.user)
         if not await self.authorize():
             raise CloseConnection(CloseCodes.FORBIDDEN, "forbidden", "you may not watch this")
@@ -102,9 +106,16 @@ class Consumer(Connection):
     def check_origin(self) -> None:
         """Refuse pages of other sites (cross-site WebSocket hijacking) with 1008."""
         headers = self._headers()
-        if not origin_allowed(headers.get("origin"), headers.get("host"), self.settings.allowed_origins):
-            self.log_event("refused", reason="origin_not_allowed")
-            raise CloseConnection(CloseCodes.POLICY_VIOLATION, "origin_not_allowed", "this origin may not connect")
+        origin = headers.get("origin")
+        if not origin_allowed(origin, headers.get("host"), self.settings.allowed_origins):
+            # The hint names the setting: a dev server on another port (localhost:5173) is the
+            # usual case, and its developer reads the browser console or the server log.
+            self.log_event(
+                "refused", logging.WARNING, reason="origin_not_allowed", origin=origin, setting=ORIGIN_SETTING
+            )
+            raise CloseConnection(
+                CloseCodes.POLICY_VIOLATION, "origin_not_allowed", f"this origin may not connect ({ORIGIN_HINT})"
+            )
 
     def count_user(self, user: User) -> None:
         """Count this connection against its user's limit (1013 past `max_connections_per_user`)."""
@@ -114,7 +125,15 @@ class Consumer(Connection):
             )
         self.counted_user = user.id
 
-    def authenticate(self) -> User:
+    async def authenticate(self) -> User:
+        """Who is connecting: the app's `authenticate(connection)` if it has one, else the token
+        (query, `Authorization` header or subprotocol); 4401 if nobody."""
+        if self.context.authenticate is not None:
+            user = await call_authenticator(self.context.authenticate, self.connection)
+            if user is None:
+                self.log_event("auth_failed", reason="not_authenticated")
+                raise CloseConnection(CloseCodes.UNAUTHENTICATED, "unauthenticated", "please sign in")
+            return user
         if self.context.verifier is None:
             raise CloseConnection(CloseCodes.UNAUTHENTICATED, "unauthenticated", "no token verifier configured")
         query = QueryParams(self.scope.get("query_string", b""))
@@ -126,8 +145,17 @@ class Consumer(Connection):
             raise CloseConnection(CloseCodes.UNAUTHENTICATED, "unauthenticated", exc.message) from None
 
     async def authorize(self) -> bool:
-        """May `self.user` use this connection? Denies unless a subclass decides."""
-        return False
+        """May `self.user` use this connection? Asks the app's `authorize(user, target)` with
+        `authorization_target()`; denies if the app has none (and a subclass does not decide)."""
+        if self.context.authorize is None or self.user is None:
+            return False
+        return await call_authorizer(self.context.authorize, self.user, self.authorization_target())
+
+    def authorization_target(self) -> Any:
+        """What `authorize` is asked about: the route's path parameter (a job id), or all of
+        them as a dict when there are several (or none)."""
+        params = self.scope.get("path_params") or {}
+        return next(iter(params.values())) if len(params) == 1 else dict(params)
 
     async def receive_json(self, content: dict[str, Any]) -> None:
         """Called for each client JSON object; dispatches on its `type`."""

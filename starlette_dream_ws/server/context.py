@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..groups import GroupLayer
 from ..settings import Settings
-from .auth import TokenVerifier
+from .auth import Authenticator, TokenVerifier
 from .heartbeat import Heartbeat
 from .metrics import ConnectionMetrics
 from .outbox import SendScheduler
@@ -25,10 +25,13 @@ class ConsumerContext:
 
     settings: Settings
     layer: GroupLayer
+    #: Verifies tokens; made when the app starts (None until then, and with `authenticate`).
     verifier: TokenVerifier | None
     heartbeat: Heartbeat
     #: The integrator's authorizer, called by the consumer's `authorize()`.
     authorize: Callable[..., bool | Awaitable[bool]] | None = None
+    #: The integrator's own authentication (session, cookie), used instead of tokens.
+    authenticate: Authenticator | None = None
     #: Open consumers, so the app can close them on shutdown.
     consumers: set[Consumer] = dataclasses.field(default_factory=set)
     #: Set when the last consumer has ended, while the app is shutting down.

@@ -9,14 +9,14 @@ life-cycle method by naming it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from ..protocol import TYPE_NAME
 
 CLIENT_PREFIX = "receive_"
 EVENT_PREFIX = ""
 
-_TYPE_NAME = re.compile(r"[a-z][a-z0-9_.]{0,63}")
 #: Handler names found per (consumer class, prefix, type), so that a message's type is checked
 #: and mapped once per process rather than once per connection.
 _names: dict[tuple[type, str, str], str | None] = {}
@@ -32,7 +32,7 @@ def handler_name(prefix: str, kind: str, reserved: type) -> str | None:
     Nobody reaches a method of `reserved` (the base class: its life-cycle API, `receive_json`
     included) by naming it, and events may not call client handlers.
     """
-    if not _TYPE_NAME.fullmatch(kind):
+    if not TYPE_NAME.fullmatch(kind):
         return None
     name = prefix + kind.replace(".", "_")
     if hasattr(reserved, name) or (prefix == EVENT_PREFIX and name.startswith(CLIENT_PREFIX)):

@@ -7,8 +7,11 @@ import json
 import time
 from collections.abc import Callable
 
+import httpx
 import jwt
 import pytest
+from httpx_ws import WebSocketDisconnect, aconnect_ws
+from httpx_ws.transport import ASGIWebSocketTransport
 
 from starlette_dream_ws import ConfigurationError, DreamWebSocketApp, User
 from starlette_dream_ws.testing import ConsumerTestClient
@@ -119,9 +122,28 @@ def test_an_authorizer_is_required() -> None:
         DreamWebSocketApp(authorize=None, jwt_secret=SECRET)
 
 
-def test_a_verification_key_is_required() -> None:
+async def test_a_verification_key_is_checked_when_the_app_starts() -> None:
+    # Made without a secret (importing the app must work for tools and tests), refused at start.
+    app = DreamWebSocketApp(authorize=owner_only, jwt_secret=None)
     with pytest.raises(ConfigurationError, match="jwt_secret"):
-        DreamWebSocketApp(authorize=owner_only, jwt_secret=None)
+        async with app.lifespan():
+            pass
+
+
+async def test_without_a_key_a_connection_gets_1011_and_the_log_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    # Mounted apps have no lifespan: the first connection is where the check happens.
+    app = DreamWebSocketApp(authorize=owner_only, jwt_secret=None)
+    async with ASGIWebSocketTransport(app) as transport, httpx.AsyncClient(transport=transport) as http:
+        for _ in range(2):  # refused every time, not only the first
+            async with aconnect_ws("http://testserver/dreams/1?token=x", http) as ws:
+                assert (await ws.receive_json())["code"] == "internal_error"
+                with pytest.raises(WebSocketDisconnect) as closed:
+                    await ws.receive_json()
+            assert closed.value.code == 1011
+        response = await http.get("http://testserver/dreams/1/events?token=x")
+    assert response.status_code == 500
+    assert response.json()["code"] == "internal_error"
+    assert "jwt_secret" in caplog.text
 
 
 async def test_dream_id_zero_is_refused(make_app: MakeApp) -> None:

@@ -40,7 +40,13 @@ async def test_connect_and_close_are_logged_with_code_and_duration(
     assert connected[0] == {"event": "connected", "path": "/dreams/5", "user": "u5"}
     assert closed[0]["by"] == "client" and closed[0]["user"] == "u5"
     assert float(closed[0]["duration"]) >= 0
-    assert {"event": "refused", "path": "/dreams/5", "reason": "origin_not_allowed"} in events
+    assert {
+        "event": "refused",
+        "path": "/dreams/5",
+        "reason": "origin_not_allowed",
+        "origin": "https://evil.example",
+        "setting": "DREAM_WS_ALLOWED_ORIGINS",
+    } in events
     assert closed[-1]["code"] == 1008 and closed[-1]["by"] == "server"
 
 
