@@ -37,6 +37,7 @@ from ..groups import BackendUnavailable, GroupLayer, shared
 from ..protocol import CloseCodes, encode, error_message
 from ..settings import ConfigurationError, Settings
 from . import probes, redaction, sse
+from .asyncapi import asyncapi_endpoint, request_document
 from .auth import Authenticator, TokenVerifier
 from .connection import CloseConnection
 from .consumer import Consumer
@@ -105,6 +106,9 @@ class ConsumerApp:
             ],
             lifespan=lambda _: self.lifespan(),
         )
+        if settings.asyncapi:
+            document = asyncapi_endpoint(request_document(routes))
+            self.router.routes.append(Route("/asyncapi.json", document, methods=["GET"]))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import HTTPConnection
@@ -30,6 +30,7 @@ from .limits import RateLimiter, origin_allowed
 from .logs import log_event
 from .outbox import PING, Outbox
 from .resume import Resumption, resume
+from .schemas import BASE, MessageSchemas
 from .sse import is_event_stream
 
 logger = logging.getLogger("starlette_dream_ws.consumer")
@@ -44,6 +45,10 @@ STOP_READING = "dream-ws: closed by the server"
 
 class Consumer(Connection):
     """Base class of a WebSocket consumer. Override the hooks, add handlers."""
+
+    #: The shapes of the messages this class sends and receives (for the AsyncAPI document);
+    #: a subclass declares what it adds.
+    message_schemas: ClassVar[MessageSchemas] = BASE
 
     # Slots: there is one consumer per open connection. `__dict__` keeps adding other
     # attributes possible; the dict is only made for an instance that does.

@@ -9,6 +9,7 @@ life-cycle method by naming it.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -47,6 +48,10 @@ def find_handler(target: object, prefix: str, kind: str, reserved: type) -> Hand
         name = _names[key]
     except KeyError:
         name = handler_name(prefix, kind, reserved)
+        # Only coroutine methods handle messages: an event named after a sync helper
+        # (`greeting`, `check_job_id`) must not call it.
+        if name is not None and not inspect.iscoroutinefunction(getattr(type(target), name, None)):
+            name = None
         if len(_names) < MAX_CACHED_HANDLERS:
             _names[key] = name
     if name is None:

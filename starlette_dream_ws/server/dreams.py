@@ -10,6 +10,7 @@ from .app import ConsumerApp
 from .auth import Authenticator, Authorizer
 from .connection import CloseConnection
 from .jobs import JobConsumer
+from .schemas import DREAMS
 
 
 class DreamImagesConsumer(JobConsumer):
@@ -19,6 +20,7 @@ class DreamImagesConsumer(JobConsumer):
     `connection_established`, then every `image_update` of the dream.
     """
 
+    message_schemas = DREAMS
     group_kind = DREAM_GROUP_KIND
     id_param = "dream_id"
 

@@ -26,6 +26,7 @@ from .connection import CloseConnection
 from .consumer import Consumer
 from .outbox import StatusAnswer
 from .resume import requested_position
+from .schemas import JOBS
 
 
 class JobConsumer(Consumer):
@@ -33,6 +34,7 @@ class JobConsumer(Consumer):
     `refresh_token`, `ping`. Subclasses set `group_kind` and add a handler per event type."""
 
     subprotocol = SUBPROTOCOL
+    message_schemas = JOBS
     #: Groups are `<group_kind>_<job id>` (`protocol.job_group`), what producers publish to.
     group_kind: ClassVar[str] = "jobs"
     #: The path parameter that names the job; None: the route's only one.

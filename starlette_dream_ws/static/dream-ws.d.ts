@@ -1,4 +1,6 @@
+// Generated from clients/js/src/dream-ws.d.ts by `npm run build` in clients/js: edit that file.
 // Types of dream-ws.js, the browser client of starlette_dream_ws (wire protocol v1.1).
+// Hand-written; clients/js/test/types.test.js checks them against the module.
 
 export type ConnectionState = 'connecting' | 'open' | 'reconnecting' | 'closed' | 'auth_failed';
 
@@ -75,6 +77,11 @@ export interface StateChange {
   attempt?: number;
   /** Milliseconds until that attempt. */
   delay?: number;
+  /**
+   * State `reconnecting`: the browser is offline (`navigator.onLine` is false), so no attempt is
+   * scheduled; the next one starts on the `online` event.
+   */
+  offline?: boolean;
   /** The server's last `error` message (state `auth_failed`). */
   error?: ErrorMessage | null;
   /** State `open` after a resume: true, every missed update follows; false, the latest state. */
@@ -94,9 +101,32 @@ export interface DreamSocketEvents {
   error: ErrorMessage;
 }
 
+type Listen = (type: string, listener: (event: any) => void) => void;
+
+/**
+ * What the client uses of the page: `window` in a browser. Every part is optional: where one is
+ * missing (Node, SSR) the client goes without it.
+ */
+export interface DreamSocketPage {
+  /** `online`, `pagehide` and `pageshow` are heard here. */
+  addEventListener?: Listen;
+  removeEventListener?: Listen;
+  /** `visibilitychange` is heard here. */
+  document?: { visibilityState?: string; addEventListener?: Listen; removeEventListener?: Listen };
+  navigator?: { onLine?: boolean };
+  /** For the default `url`. */
+  location?: { protocol: string; host: string };
+  WebSocket?: typeof WebSocket;
+  EventSource?: typeof EventSource;
+}
+
 export interface DreamSocketOptions {
   dreamId: number | string;
-  /** WebSocket base where the app is mounted, e.g. `wss://example.com/ws`. */
+  /**
+   * WebSocket base where the app is mounted, e.g. `wss://example.com/ws`. Default: the folder the
+   * module was served from (`/ws/dream-ws.js` gives `/ws`), else `/ws` on the page's host. Pass it
+   * when the module comes from npm through a bundler.
+   */
   url?: string;
   /** A JWT, sent in the subprotocol list (never in the URL). */
   token?: string;
@@ -131,12 +161,22 @@ export interface DreamSocketOptions {
   transport?: 'auto' | 'websocket' | 'sse';
   /** WebSocket failures in a row before `auto` falls back to SSE (default 3). */
   sseAfter?: number;
-  /** WebSocket implementation (tests, non-browser hosts). */
+  /** WebSocket implementation (tests, non-browser hosts). Default: the page's. */
   WebSocket?: typeof WebSocket;
-  /** EventSource implementation. */
+  /** EventSource implementation. Default: the page's. */
   EventSource?: typeof EventSource;
+  /** The page (default `globalThis`): tests and non-browser hosts pass their own. */
+  window?: DreamSocketPage;
 }
 
+/**
+ * Live updates of one dream, over one WebSocket (or event stream) that keeps itself connected.
+ *
+ * After a lost connection it retries with capped exponential backoff and full jitter
+ * (`backoffBase`, `backoffMax`), resuming from `position`. While the browser is offline it does
+ * not retry at all (state `reconnecting` with `offline: true`); it retries at once when the
+ * browser comes back online (the backoff starting over) or the tab becomes visible again.
+ */
 export class DreamSocket {
   constructor(options: DreamSocketOptions);
   readonly options: DreamSocketOptions;
@@ -155,9 +195,13 @@ export class DreamSocket {
   on(type: string, callback: (event: Message) => void): () => void;
   off<K extends keyof DreamSocketEvents>(type: K, callback: (event: DreamSocketEvents[K]) => void): void;
   off(type: string, callback: (event: Message) => void): void;
+  /** Start connecting (done by the constructor unless `autoConnect: false`); idempotent. */
   connect(): void;
+  /** Close with 1000 and stop reconnecting; `connect()` starts again. */
   close(): void;
+  /** Send one message; false when not connected (nothing is queued). */
   send(message: Message): boolean;
+  /** Ask for the dream's latest state (answered by an `image_update`); done on every first connect. */
   requestStatus(): boolean;
 }
 

@@ -1,6 +1,8 @@
+// Generated from clients/js/src/dream-ws.js by `npm run build` in clients/js: edit that file.
 // dream-ws.js: the browser client of starlette_dream_ws (wire protocol v1.1). No dependencies.
 //
-//   import { DreamSocket } from '/ws/dream-ws.js';
+//   import { DreamSocket } from '/ws/dream-ws.js';    // as served by the app, or
+//   import { DreamSocket } from 'dream-ws-client';    // from npm (then pass `url`)
 //   const socket = new DreamSocket({ dreamId: 42, getToken: fetchToken });
 //   socket.on('image_update', (update) => render(update));
 //   socket.on('state', ({ state, recovered }) => showConnection(state, recovered));
@@ -12,6 +14,10 @@
 // on every reconnect (`since`: the server sends what was missed, or the latest state), and never
 // applies an update that is not newer. Where WebSocket cannot connect, it falls back to
 // Server-Sent Events with the same events.
+//
+// Between attempts it waits a jittered, growing delay; it waits for the `online` event instead
+// while the browser says it is offline, and stops waiting when the network comes back or the tab
+// is shown again. Nothing touches the page at import time: the module loads in Node (tests, SSR).
 
 const SUBPROTOCOL = 'dream-ws.v1';
 const TOKEN_PREFIX = 'dream-ws.bearer.';
@@ -47,17 +53,31 @@ const MAX_DELAY = 2 ** 31 - 1;
  * `attempt` and `delay` (ms) describe a scheduled reconnect; `error` is the server's last
  * `error` message (why authentication failed). On `open`: `transport`, and `recovered` after a
  * reconnect that resumed (true: every missed update follows; false: the latest state follows).
+ * `offline`: the reconnect waits for the browser to be online again, with no delay set.
  * @typedef {{ state: ConnectionState, code?: number, reason?: string, attempt?: number,
- *   delay?: number, error?: ErrorMessage | null, recovered?: boolean | null,
+ *   delay?: number, offline?: boolean, error?: ErrorMessage | null, recovered?: boolean | null,
  *   transport?: 'websocket' | 'sse' }} StateChange
+ */
+
+/**
+ * What the client uses of the page (`window` in a browser); every part is optional.
+ * @typedef {Object} Page
+ * @property {(type: string, listener: (event: any) => void) => void} [addEventListener]
+ * @property {(type: string, listener: (event: any) => void) => void} [removeEventListener]
+ * @property {{ visibilityState?: string, addEventListener?: Page['addEventListener'],
+ *   removeEventListener?: Page['removeEventListener'] }} [document]
+ * @property {{ onLine?: boolean }} [navigator]
+ * @property {{ protocol: string, host: string }} [location]
+ * @property {typeof WebSocket} [WebSocket]
+ * @property {typeof EventSource} [EventSource]
  */
 
 /**
  * @typedef {Object} DreamSocketOptions
  * @property {number | string} dreamId The dream to watch.
  * @property {string} [url] WebSocket base where the app is mounted, e.g. `wss://example.com/ws`.
- *   Default: the folder this module was loaded from (`/ws/dream-ws.js` -> `/ws`), else `/ws` on
- *   the page's host.
+ *   Default: the folder this module was served from (`/ws/dream-ws.js` -> `/ws`), else `/ws` on
+ *   the page's host (always pass it when the module comes from npm through a bundler).
  * @property {string} [token] A JWT. Sent in the subprotocol list, never in the URL.
  * @property {() => string | Promise<string>} [getToken] Returns a (fresh) JWT; called before each
  *   reconnect, and allows one retry after a 4401 close. Also called before the connection's token
@@ -75,20 +95,32 @@ const MAX_DELAY = 2 ** 31 - 1;
  *   Events once WebSocket has failed `sseAfter` times in a row without ever opening.
  * @property {number} [sseAfter=3] WebSocket failures in a row before `auto` falls back to SSE.
  * @property {typeof WebSocket} [WebSocket] WebSocket implementation (tests, non-browser hosts).
- * @property {typeof EventSource} [EventSource] EventSource implementation.
+ *   Default: the page's.
+ * @property {typeof EventSource} [EventSource] EventSource implementation. Default: the page's.
+ * @property {Page} [window] The page: where `online`, `pagehide` and `pageshow` are heard,
+ *   `document` (visibility) and `navigator` (onLine) are read. Default: `globalThis`.
  */
 
-/** @returns {string} */
-function defaultBaseUrl() {
-  // The app serves this file at `<mount>/dream-ws.js`, so its folder is the mount point.
-  const here = new URL(import.meta.url);
-  if (/^https?:$/.test(here.protocol) && here.pathname.endsWith('/dream-ws.js')) {
+/**
+ * @param {Page} page
+ * @returns {string}
+ */
+function defaultBaseUrl(page) {
+  // The app serves this file at `<mount>/dream-ws.js`, so its folder is the mount point. A copy
+  // that a dev server hands out from node_modules says nothing about where the app is mounted.
+  let here = null;
+  try {
+    here = new URL(import.meta.url);
+  } catch {
+    // A bundle for CommonJS leaves import.meta empty.
+  }
+  if (here && /^https?:$/.test(here.protocol) && here.pathname.endsWith('/dream-ws.js') && !here.pathname.includes('/node_modules/')) {
     const scheme = here.protocol === 'https:' ? 'wss:' : 'ws:';
     return `${scheme}//${here.host}${here.pathname.slice(0, -'/dream-ws.js'.length)}`;
   }
-  const page = globalThis.location;
-  if (!page) throw new TypeError('DreamSocket: options.url is required outside a page');
-  return `${page.protocol === 'https:' ? 'wss:' : 'ws:'}//${page.host}/ws`;
+  const location = page.location;
+  if (!location) throw new TypeError('DreamSocket: options.url is required outside a page');
+  return `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}/ws`;
 }
 
 /**
@@ -138,10 +170,12 @@ export class DreamSocket {
       sseAfter: 3,
       ...options,
     };
+    /** @type {Page} */
+    this._page = options.window ?? globalThis;
     /** @readonly */
     this.dreamId = options.dreamId;
     /** @readonly */
-    this.url = `${(options.url ?? defaultBaseUrl()).replace(/\/+$/, '')}/dreams/${encodeURIComponent(String(options.dreamId))}`;
+    this.url = `${(options.url ?? defaultBaseUrl(this._page)).replace(/\/+$/, '')}/dreams/${encodeURIComponent(String(options.dreamId))}`;
     /** @type {ConnectionState} */
     this.state = 'closed';
     /** @type {Message | null} The latest `image_update`. */
@@ -170,6 +204,8 @@ export class DreamSocket {
     this._interval = 0; // the server's heartbeat interval in ms, once known
     /** @type {number | null} */ this._expiresAt = null; // of the token the socket connected with
     /** @type {any} */ this._retryTimer = null;
+    // Between two attempts: a retry timer, or the `online` event, starts the next one.
+    this._waiting = false;
     /** @type {any} */ this._pingTimer = null;
     /** @type {any} */ this._watchdog = null;
     /** @type {any} */ this._refreshTimer = null;
@@ -186,8 +222,16 @@ export class DreamSocket {
     this._onPageShow = (event) => {
       if (event.persisted && this._resumeOnShow) this.connect();
     };
+    // Back online: the failures so far were the network's, so the backoff starts over.
+    this._onOnline = () => this._wake(true);
+    // A tab shown again is when its user looks at it: reconnect now rather than after the delay.
+    this._onVisibilityChange = () => {
+      if (this._page.document?.visibilityState === 'visible' && !this._offline()) this._wake(false);
+    };
 
-    if (options.autoConnect !== false) queueMicrotask(() => this.connect());
+    // A close() before the microtask runs (a component unmounted at once) cancels the connect.
+    const run = this._run;
+    if (options.autoConnect !== false) queueMicrotask(() => run === this._run && this.connect());
   }
 
   /**
@@ -218,8 +262,7 @@ export class DreamSocket {
     if (!this._stopped) return;
     this._stopped = false;
     this._resumeOnShow = false;
-    globalThis.addEventListener?.('pagehide', this._onPageHide);
-    globalThis.addEventListener?.('pageshow', this._onPageShow);
+    this._listen('addEventListener');
     this._attempt = 0;
     this._authRetried = false;
     this._open('connecting');
@@ -228,8 +271,7 @@ export class DreamSocket {
   /** Close with 1000 and stop reconnecting. `connect()` starts again. */
   close() {
     this._resumeOnShow = false;
-    globalThis.removeEventListener?.('pagehide', this._onPageHide);
-    globalThis.removeEventListener?.('pageshow', this._onPageShow);
+    this._listen('removeEventListener');
     this._stop();
   }
 
@@ -252,9 +294,47 @@ export class DreamSocket {
 
   // -- internals ---------------------------------------------------------------------------
 
+  /**
+   * Add or remove the page listeners; each is a no-op where the page lacks it (Node, SSR).
+   * @param {'addEventListener' | 'removeEventListener'} method
+   */
+  _listen(method) {
+    const page = this._page;
+    page[method]?.('pagehide', this._onPageHide);
+    page[method]?.('pageshow', this._onPageShow);
+    page[method]?.('online', this._onOnline);
+    page.document?.[method]?.('visibilitychange', this._onVisibilityChange);
+  }
+
+  /** Whether the browser knows it has no network (`onLine` true only means "maybe"). */
+  _offline() {
+    return this._page.navigator?.onLine === false;
+  }
+
+  /**
+   * @param {'WebSocket' | 'EventSource'} name
+   * @returns {any} the implementation given in the options, else the page's
+   */
+  _impl(name) {
+    return this.options[name] ?? this._page[name];
+  }
+
+  /**
+   * Start the next attempt now, if the client is waiting between two.
+   * @param {boolean} fresh start the backoff over
+   */
+  _wake(fresh) {
+    if (!this._waiting) return;
+    if (fresh) this._attempt = 0;
+    clearTimeout(this._retryTimer);
+    this._open('reconnecting');
+  }
+
   /** @param {ConnectionState} state */
   async _open(state) {
     const run = this._run;
+    this._waiting = false;
+    this._retryTimer = null;
     if (state === 'connecting') this._setState({ state });
     let token = this.options.token;
     if (this.options.getToken && (state !== 'connecting' || !token)) {
@@ -280,7 +360,7 @@ export class DreamSocket {
       if (run === this._run) this._onClose(UNAUTHENTICATED, 'invalid token');
       return;
     }
-    const WS = this.options.WebSocket ?? globalThis.WebSocket;
+    const WS = this._impl('WebSocket');
     /** @type {WebSocket} */
     let ws;
     try {
@@ -316,12 +396,12 @@ export class DreamSocket {
 
   /**
    * The same dream as Server-Sent Events: the token in the query (EventSource sends no headers),
-   * `EventSource` resumes by itself with `Last-Event-ID`; no pings to answer, no renewal in place.
+   * the position in `since`; no pings to answer, no renewal in place.
    * @param {number} run
    * @param {string | undefined} token
    */
   _openEvents(run, token) {
-    const ES = this.options.EventSource ?? globalThis.EventSource;
+    const ES = this._impl('EventSource');
     const base = this.url.replace(/^ws(s?):/, 'http$1:');
     const query = (token ? `?token=${encodeURIComponent(token)}` : '') + this._since(token ? '&' : '?');
     /** @type {EventSource} */
@@ -341,16 +421,11 @@ export class DreamSocket {
     for (const type of ['connection_established', 'image_update', 'token_refreshed']) es.addEventListener(type, onEvent);
     es.addEventListener('error', (event) => {
       if (this._es !== es) return;
-      // The server's `error` event has data; a failed connection has none.
-      if (/** @type {MessageEvent} */ (event).data !== undefined) {
-        onEvent(/** @type {MessageEvent} */ (event));
-      } else if (es.readyState === 2) {
-        // Refused (not a 200 event stream): EventSource gives up; we retry with a fresh token.
-        this._onClose(1006, 'event stream failed');
-      } else if (this.state === 'open') {
-        // EventSource reconnects by itself and resumes with Last-Event-ID.
-        this._setState({ state: 'reconnecting', transport: 'sse' });
-      }
+      // The server's `error` event has data; a failed or ended stream has none. EventSource
+      // would then retry by itself, at a fixed pace, offline or not, and with the token it
+      // started with: the client retries instead, as for a WebSocket, and resumes with `since`.
+      if (/** @type {MessageEvent} */ (event).data !== undefined) onEvent(/** @type {MessageEvent} */ (event));
+      else this._onClose(1006, 'event stream failed');
     });
   }
 
@@ -421,10 +496,11 @@ export class DreamSocket {
     const websocket = this._ws !== null;
     this._dropSocket();
     if (this._stopped) return;
-    if (websocket && !opened && code !== UNAUTHENTICATED && code !== FORBIDDEN) {
-      // WebSocket blocked on the way (a proxy, a firewall)? After a few tries, use SSE.
+    if (websocket && !opened && !this._offline() && code !== UNAUTHENTICATED && code !== FORBIDDEN) {
+      // WebSocket blocked on the way (a proxy, a firewall)? After a few tries, use SSE. A failure
+      // while offline says nothing about the way, and does not count.
       this._neverOpened += 1;
-      const ES = this.options.EventSource ?? globalThis.EventSource;
+      const ES = this._impl('EventSource');
       if (this.options.transport === 'auto' && ES && this._neverOpened >= this.options.sseAfter) this.transport = 'sse';
     }
     if (code === UNAUTHENTICATED || code === FORBIDDEN) {
@@ -448,15 +524,20 @@ export class DreamSocket {
   _scheduleReconnect(cause, delay) {
     if (this._openedAt && Date.now() - this._openedAt >= this.options.stableAfter) this._attempt = 0;
     this._openedAt = 0;
+    clearTimeout(this._retryTimer);
+    this._retryTimer = null;
+    this._waiting = true;
+    if (this._offline()) {
+      // Every attempt would fail until the network is back, which the `online` event tells.
+      this._setState({ state: 'reconnecting', ...cause, offline: true });
+      return;
+    }
     const ceiling = Math.min(this.options.backoffMax, this.options.backoffBase * 2 ** this._attempt);
     // Full jitter: clients dropped together (a server restart) come back spread out.
     const wait = delay ?? Math.random() * ceiling;
     this._attempt = Math.min(this._attempt + 1, 30);
-    clearTimeout(this._retryTimer);
-    this._retryTimer = setTimeout(() => {
-      this._retryTimer = null;
-      this._open('reconnecting');
-    }, wait);
+    // Gone offline in the meantime: wait for `online` rather than try.
+    this._retryTimer = setTimeout(() => (this._offline() ? this._scheduleReconnect(cause) : this._open('reconnecting')), wait);
     // After the timer is set: a listener that calls close() cancels it.
     this._setState({ state: 'reconnecting', ...cause, attempt: this._attempt, delay: Math.round(wait) });
   }
@@ -531,6 +612,7 @@ export class DreamSocket {
   _stop() {
     this._stopped = true;
     this._run += 1;
+    this._waiting = false;
     clearTimeout(this._retryTimer);
     this._retryTimer = null;
     const ws = this._ws;
