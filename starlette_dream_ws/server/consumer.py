@@ -2,8 +2,8 @@
 
 Each connection runs in the task the server gave it, which reads client frames. Group events
 and heartbeat pings go through the connection's `Outbox`. The transport and its state are
-`Connection`'s; this class adds the hooks an integrator overrides, the handshake, the limits
-checked per frame and the end of the connection.
+`Connection`'s, the checks of the handshake `Handshake`'s; this class adds the life cycle,
+dispatch, the limits checked per frame and the end of the connection.
 """
 
 from __future__ import annotations
@@ -13,21 +13,17 @@ import logging
 import time
 from typing import Any, ClassVar
 
-from starlette.datastructures import Headers, QueryParams
-from starlette.requests import HTTPConnection
 from starlette.types import Message, Receive, Scope, Send
 
 from ..groups import BackendUnavailable, GroupLayer
 from ..protocol import CloseCodes, Position
-from ..settings import Settings
-from .auth import AuthenticationFailed, User, call_authenticator, call_authorizer, extract_token
-from .connection import CloseConnection, Connection, ConnectionState
+from .connection import CloseConnection, ConnectionState
 from .context import ConsumerContext
 from .dispatch import CLIENT_PREFIX, EVENT_PREFIX, Handler, find_handler
 from .frames import BadFrame, decode_frame
+from .handshake import Handshake
 from .heartbeat import overdue
-from .limits import RateLimiter, origin_allowed
-from .logs import log_event
+from .limits import RateLimiter
 from .outbox import PING, Outbox
 from .resume import Resumption, resume
 from .schemas import BASE, MessageSchemas
@@ -35,15 +31,11 @@ from .sse import is_event_stream
 
 logger = logging.getLogger("starlette_dream_ws.consumer")
 
-#: Where a refused Origin is allowed (named in the log line and the error).
-ORIGIN_SETTING = "DREAM_WS_ALLOWED_ORIGINS"
-ORIGIN_HINT = f"allow it with {ORIGIN_SETTING} (the allowed_origins setting)"
-
 #: The cancellation message that ends a connection's reader, not the server.
 STOP_READING = "dream-ws: closed by the server"
 
 
-class Consumer(Connection):
+class Consumer(Handshake):
     """Base class of a WebSocket consumer. Override the hooks, add handlers."""
 
     #: The shapes of the messages this class sends and receives (for the AsyncAPI document);
@@ -59,22 +51,15 @@ class Consumer(Connection):
         "_rate",
         "_reader",
         "_waiting_for_client",
-        "context",
-        "counted_user",
         "groups",
         "layer",
         "opened_at",
         "outbox",
-        "settings",
-        "user",
     )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, context: ConsumerContext) -> None:
-        super().__init__(scope, receive, send, context.metrics)
-        self.context = context
-        self.settings: Settings = context.settings
+        super().__init__(scope, receive, send, context)
         self.layer: GroupLayer = context.layer
-        self.user: User | None = None
         #: Groups this connection has joined (a tuple: most connections join one, and a set
         #: costs 216 bytes even empty).
         self.groups: tuple[str, ...] = ()
@@ -84,83 +69,9 @@ class Consumer(Connection):
         self._last_seen = time.monotonic()
         self._next_ping = self._last_seen + self.settings.heartbeat_interval
         self.opened_at = time.time()
-        #: The user id this connection counts against in `max_connections_per_user`.
-        self.counted_user: str | None = None
         self._rate = RateLimiter(self.settings.max_messages_per_second, self.settings.message_burst)
 
-    @property
-    def connection(self) -> HTTPConnection:
-        """The handshake request: headers, query parameters, client address."""
-        return HTTPConnection(self.scope)
-
-    # -- hooks ------------------------------------------------------------------------------
-
-    async def connect(self) -> None:
-        """Handshake: accept, authenticate the token, ask `authorize()`.
-
-        Accepting first lets close codes reach browsers: a refused handshake shows them
-        only 1006. Override to join groups and greet the client, calling this first.
-        """
-        await self.accept()
-        self.check_origin()
-        self.user = await self.authenticate()
-        self.count_user(self.user)
-        if not await self.authorize():
-            raise CloseConnection(CloseCodes.FORBIDDEN, "forbidden", "you may not watch this")
-
-    def check_origin(self) -> None:
-        """Refuse pages of other sites (cross-site WebSocket hijacking) with 1008."""
-        headers = self._headers()
-        origin = headers.get("origin")
-        if not origin_allowed(origin, headers.get("host"), self.settings.allowed_origins):
-            # The hint names the setting: a dev server on another port (localhost:5173) is the
-            # usual case, and its developer reads the browser console or the server log.
-            self.log_event(
-                "refused", logging.WARNING, reason="origin_not_allowed", origin=origin, setting=ORIGIN_SETTING
-            )
-            raise CloseConnection(
-                CloseCodes.POLICY_VIOLATION, "origin_not_allowed", f"this origin may not connect ({ORIGIN_HINT})"
-            )
-
-    def count_user(self, user: User) -> None:
-        """Count this connection against its user's limit (1013 past `max_connections_per_user`)."""
-        if not self.context.count_user(user.id):
-            raise CloseConnection(
-                CloseCodes.TRY_AGAIN_LATER, "too_many_connections", "this user has too many open connections"
-            )
-        self.counted_user = user.id
-
-    async def authenticate(self) -> User:
-        """Who is connecting: the app's `authenticate(connection)` if it has one, else the token
-        (query, `Authorization` header or subprotocol); 4401 if nobody."""
-        if self.context.authenticate is not None:
-            user = await call_authenticator(self.context.authenticate, self.connection)
-            if user is None:
-                self.log_event("auth_failed", reason="not_authenticated")
-                raise CloseConnection(CloseCodes.UNAUTHENTICATED, "unauthenticated", "please sign in")
-            return user
-        if self.context.verifier is None:
-            raise CloseConnection(CloseCodes.UNAUTHENTICATED, "unauthenticated", "no token verifier configured")
-        query = QueryParams(self.scope.get("query_string", b""))
-        token, _ = extract_token(query, self._headers(), self.offered_subprotocols())
-        try:
-            return self.context.verifier.verify(token)
-        except AuthenticationFailed as exc:
-            self.log_event("auth_failed", reason=exc.reason)
-            raise CloseConnection(CloseCodes.UNAUTHENTICATED, "unauthenticated", exc.message) from None
-
-    async def authorize(self) -> bool:
-        """May `self.user` use this connection? Asks the app's `authorize(user, target)` with
-        `authorization_target()`; denies if the app has none (and a subclass does not decide)."""
-        if self.context.authorize is None or self.user is None:
-            return False
-        return await call_authorizer(self.context.authorize, self.user, self.authorization_target())
-
-    def authorization_target(self) -> Any:
-        """What `authorize` is asked about: the route's path parameter (a job id), or all of
-        them as a dict when there are several (or none)."""
-        params = self.scope.get("path_params") or {}
-        return next(iter(params.values())) if len(params) == 1 else dict(params)
+    # -- hooks (the handshake's are in `Handshake`) ---------------------------------------
 
     async def receive_json(self, content: dict[str, Any]) -> None:
         """Called for each client JSON object; dispatches on its `type`."""
@@ -196,10 +107,6 @@ class Consumer(Connection):
     async def group_discard(self, group: str) -> None:
         self.groups = tuple(g for g in self.groups if g != group)
         await self.layer.leave(group, self)
-
-    def log_event(self, event: str, level: int = logging.INFO, **fields: Any) -> None:
-        """One structured log line (`logs.log_event`), with this connection's path and user."""
-        log_event(self.scope, self.user.id if self.user is not None else None, event, level, **fields)
 
     # -- group events -----------------------------------------------------------------------
 
@@ -364,8 +271,3 @@ class Consumer(Connection):
             await self.disconnect(code)
         except Exception:
             logger.exception("disconnect hook failed")
-
-    def _headers(self) -> Headers:
-        # A copy that lives as long as the call: `self.connection.headers` would store its copy in
-        # the scope, for as long as the connection is open.
-        return Headers(raw=list(self.scope.get("headers") or ()))

@@ -57,8 +57,12 @@ BEARER = re.compile(r"(?i)\b(bearer[ \t]+)[\w.~+/-]{8,}=*")
 #: A token in JSON or a repr of a dict: `"token": "..."` (the `refresh_token` message).
 TOKEN_FIELD = re.compile(r"""(?i)((['"])(?:access_|refresh_|id_)?token\2\s*:\s*b?(['"]))(?:(?!\3).)*""")
 
-#: Header names whose value is a credential, when a header is logged as `name, value` arguments.
-CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization"})
+#: A Cookie header and its value, quoted (a repr of header pairs) or to the end of the line.
+COOKIE = re.compile(r"""(?i)(\bcookie(?:['"]\s*[:,=]\s*b?['"]|[ \t]*[:=][ \t]*))[^'"\r\n]+""")
+
+#: Header names whose value is a credential, when a header is logged as `name, value` arguments
+#: (cookies: an app that authenticates with its own session is handed its cookie in them).
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
 
 #: uvicorn's loggers that print requests. uvicorn gives websockets' protocols `uvicorn.error`,
 #: so websockets' own loggers (`websockets.server`, ...) never see these records.
@@ -70,12 +74,12 @@ _exception_formatter = logging.Formatter()
 def _suspect(text: str) -> bool:
     """Whether `text` may hold a token: cheap, before any regex."""
     lowered = text.lower()
-    return "token" in lowered or "authorization" in lowered or "bearer" in lowered
+    return "token" in lowered or "authorization" in lowered or "bearer" in lowered or "cookie" in lowered
 
 
 def _suspect_bytes(data: bytes) -> bool:
     lowered = data.lower()
-    return b"token" in lowered or b"authorization" in lowered or b"bearer" in lowered
+    return b"token" in lowered or b"authorization" in lowered or b"bearer" in lowered or b"cookie" in lowered
 
 
 def _authorization(match: re.Match[str]) -> str:
@@ -97,6 +101,8 @@ def redact(text: str) -> str:
     if "token" in lowered:
         text = TOKEN_IN_QUERY.sub(REDACTED, text)
         text = TOKEN_FIELD.sub(REDACTED, text)
+    if "cookie" in lowered:
+        text = COOKIE.sub(REDACTED, text)
     return text
 
 
@@ -123,7 +129,7 @@ def _redact_arg(arg: object, header_name: object) -> object:
     if not isinstance(arg, str):
         return arg
     if _is_credential_header(header_name):
-        return redact_credentials(arg)
+        return redact_credentials(arg) if "auth" in str(header_name).lower() else "[redacted]"
     return redact(arg) if _suspect(arg) else arg
 
 

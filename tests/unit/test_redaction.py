@@ -130,6 +130,8 @@ def test_access_line_keeps_its_arguments_for_uvicorns_formatter(caplog: pytest.L
             "< sec-websocket-protocol: dream-ws.v1, dream-ws.bearer.[redacted]",
         ),
         (b"authorization", f"Bearer {TOKEN}".encode(), "< b'authorization': b'Bearer [redacted]'"),
+        # The session cookie of an app that authenticates connections with its own session.
+        ("cookie", f"session={TOKEN}; theme=dark", "< cookie: [redacted]"),
     ],
 )
 def test_header_line_arguments(
@@ -159,6 +161,11 @@ def test_header_line_arguments(
             "headers %r",
             Headers([("Authorization", f"Bearer {TOKEN}")]),
             "headers Headers([('Authorization', 'Bearer [redacted]')])",
+        ),
+        (
+            "headers %r",
+            [(b"host", b"a"), (b"cookie", f"session={TOKEN}".encode())],
+            "headers [(b'host', b'a'), (b'cookie', b'[redacted]')]",
         ),
         (
             "headers:\n%s",
