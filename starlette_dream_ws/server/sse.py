@@ -42,6 +42,7 @@ STATUS_BY_ERROR = {
     "unavailable": 503,
     "invalid_since": 400,
     "invalid_dream_id": 400,
+    "invalid_id": 400,
 }
 STATUS_BY_CODE = {
     CloseCodes.UNAUTHENTICATED: 401,
