@@ -22,12 +22,17 @@ import os
 import selectors
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
+from urllib.parse import urlsplit
 
 from .groups import GroupLayer, shared
 from .groups.backends import is_process_local
-from .protocol import check_event, check_group, dream_group, image_update_message
-from .settings import Settings
+from .groups.publishing import retrying_blocking
+from .protocol import check_event, check_group, dream_group, encode, image_update_message
+from .settings import Settings, env_settings
+
+if TYPE_CHECKING:
+    from .groups.backends.redis_blocking import BlockingRedisPublisher
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -46,7 +51,7 @@ def _resolve(settings: Settings | None) -> tuple[Settings, GroupLayer | None]:
         if layer is not None:
             return layer.settings, layer
         # An app not started yet (mounted, before its first connection) still decides.
-        settings = shared.only_declared() or Settings.from_env()
+        settings = shared.only_declared() or env_settings()
     return settings, shared.find(settings)
 
 
@@ -98,31 +103,81 @@ async def asend_image_update(
 
 
 def blocking(
-    publish: Callable[P, Coroutine[Any, Any, None]], name: str, check: Callable[..., object]
+    publish: Callable[P, Coroutine[Any, Any, None]], name: str, prepare: Callable[..., tuple[str, dict[str, Any]]]
 ) -> Callable[P, None]:
     """The sync form of an async publisher (which takes a keyword `settings`), for Celery
-    tasks, threads and scripts: it runs `publish` on the loop of this process's app if one
-    runs in another thread (reusing its connection), else on the process's background loop,
-    and waits for it. `check` validates the arguments (but `settings`) first, wherever it runs."""
+    tasks, threads and scripts. `prepare` validates the arguments (but `settings`) and gives
+    the group and the message, before anything else happens. Then:
+
+    * an app of this process running in another thread publishes it (on its connection);
+    * on Redis, the calling thread runs the publish script on its own sync connection (about
+      one round trip of CPU, no loop involved);
+    * otherwise the process's background loop publishes it, and the call waits.
+    """
 
     @functools.wraps(publish)
     def run(*args: P.args, **kwargs: P.kwargs) -> None:
-        check(*args, **{key: value for key, value in kwargs.items() if key != "settings"})
+        settings = cast("Settings | None", kwargs.pop("settings", None))
+        group, content = prepare(*args, **kwargs)
         _refuse_in_loop_thread(publish.__name__)
-        layer = shared.find_running(cast("Settings | None", kwargs.get("settings")))
-        coroutine = publish(*args, **kwargs)
+        layer = shared.find_running(settings)
         if layer is not None and layer.loop is not None:
-            asyncio.run_coroutine_threadsafe(coroutine, layer.loop).result()
-        else:
-            _background_loop().run(coroutine)
+            asyncio.run_coroutine_threadsafe(layer.publish(group, content), layer.loop).result()
+            return
+        resolved, layer = _resolve(settings)
+        publisher = _blocking_publisher(resolved) if layer is None else None
+        if publisher is not None:
+            text = encode(content)
+            retrying_blocking(
+                lambda: publisher.publish(group, text), resolved, publisher.metrics, what=f"publish to {group}"
+            )
+            return
+        _background_loop().run(_publish(resolved, layer, group, content))
 
     run.__name__ = run.__qualname__ = name
     run.__doc__ = f"The sync form of `{publish.__name__}`, for Celery tasks, threads and scripts."
     return run
 
 
-send_image_update = blocking(asend_image_update, "send_image_update", check=image_update_message)
-publish = blocking(apublish, "publish", check=_checked)
+def _image_update(
+    dream_id: int,
+    image_urls: Sequence[str] | None = None,
+    status: str = "processing",
+    message: str | None = None,
+    progress: int | None = None,
+) -> tuple[str, dict[str, Any]]:
+    return dream_group(dream_id), image_update_message(dream_id, image_urls, status, message, progress)
+
+
+def _event(group: str, event: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    return group, _checked(group, event)
+
+
+send_image_update = blocking(asend_image_update, "send_image_update", prepare=_image_update)
+publish = blocking(apublish, "publish", prepare=_event)
+
+
+# -- sync connections to Redis ---------------------------------------------------------------
+
+#: This process's sync publishers, by the settings they publish with.
+_blocking_publishers: dict[tuple[str, float, int, float], BlockingRedisPublisher] = {}
+
+
+def _blocking_publisher(settings: Settings) -> BlockingRedisPublisher | None:
+    """The sync publisher for `settings` if its backend has one (Redis), made on first use."""
+    if urlsplit(settings.broadcast_url).scheme not in ("redis", "rediss"):
+        return None
+    key = (settings.broadcast_url, settings.state_ttl, settings.history_size, settings.publish_timeout)
+    publisher = _blocking_publishers.get(key)
+    if publisher is None or publisher.pid != os.getpid():
+        with _lock:
+            publisher = _blocking_publishers.get(key)
+            if publisher is None or publisher.pid != os.getpid():
+                # Imported here: a process on another backend never imports the Redis client.
+                from .groups.backends.redis_blocking import BlockingRedisPublisher
+
+                publisher = _blocking_publishers[key] = BlockingRedisPublisher(settings)
+    return publisher
 
 
 def _refuse_in_loop_thread(async_name: str) -> None:
@@ -232,6 +287,10 @@ def close_producers() -> None:
     global _background
     with _lock:
         background, _background = _background, None
+        publishers = list(_blocking_publishers.values())
+        _blocking_publishers.clear()
+    for publisher in publishers:
+        publisher.close()
     if background is not None and background.pid == os.getpid():
         background.close()
     try:

@@ -164,6 +164,33 @@ class Settings:
         return cls(**values)
 
 
+#: The variables `Settings.from_env` reads.
+_ENV_NAMES = tuple(ENV_PREFIX + field.name.upper() for field in dataclasses.fields(Settings))
+#: The last settings read from the environment: the names of the variables that were set, a
+#: key saying what the environment looked like, and the settings.
+_env_cache: tuple[tuple[str, ...], tuple[object, ...], Settings] | None = None
+
+
+def env_settings() -> Settings:
+    """`Settings.from_env()`, parsed again only when the environment has changed: producers
+    without an app read it for every update, and parsing costs more than a publish.
+
+    A change is seen through the values of the variables that were set and the number of
+    variables (a new `DREAM_WS_*` one adds to it), without a lookup of every possible name
+    (most are absent, and a missing key costs an exception each)."""
+    global _env_cache
+    environ = os.environ
+    cached = _env_cache
+    if cached is not None:
+        names, key, settings = cached
+        if key == (len(environ), *map(environ.get, names)):
+            return settings
+    names = tuple(name for name in _ENV_NAMES if name in environ)
+    settings = Settings.from_env()
+    _env_cache = (names, (len(environ), *map(environ.get, names)), settings)
+    return settings
+
+
 def _split(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 

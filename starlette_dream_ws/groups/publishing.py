@@ -10,6 +10,7 @@ import bisect
 import dataclasses
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -97,5 +98,24 @@ async def retrying(
                 raise PublishError(f"{what} failed after {attempts} attempts: {type(exc).__name__}") from exc
             metrics.retrying(what, exc, attempt, attempts, delay)
         await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+        delay = min(delay * 2, settings.publish_backoff_max)
+    raise AssertionError("unreachable")
+
+
+def retrying_blocking(operation: Callable[[], T], settings: Settings, metrics: PublishMetrics, *, what: str) -> T:
+    """`retrying` for sync code: the same attempts, backoff and `PublishError`, with the time of
+    each attempt bounded by the client's socket timeouts (`publish_timeout`)."""
+    delay = settings.publish_backoff
+    attempts = settings.publish_retries + 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return operation()
+        except PROGRAMMING_ERRORS:
+            raise
+        except Exception as exc:
+            if attempt == attempts:
+                raise PublishError(f"{what} failed after {attempts} attempts: {type(exc).__name__}") from exc
+            metrics.retrying(what, exc, attempt, attempts, delay)
+        time.sleep(delay * random.uniform(0.8, 1.2))
         delay = min(delay * 2, settings.publish_backoff_max)
     raise AssertionError("unreachable")

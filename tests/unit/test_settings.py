@@ -171,3 +171,18 @@ def test_settings_are_frozen() -> None:
     settings = Settings()
     with pytest.raises(AttributeError):
         settings.heartbeat_interval = 1  # type: ignore[misc]
+
+
+def test_env_settings_are_read_again_only_when_the_environment_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from starlette_dream_ws.settings import env_settings
+
+    monkeypatch.setenv("DREAM_WS_HEARTBEAT_INTERVAL", "12")
+    first = env_settings()
+    assert first.heartbeat_interval == 12
+    assert env_settings() is first  # nothing changed: not parsed again
+    monkeypatch.setenv("DREAM_WS_HEARTBEAT_INTERVAL", "13")
+    assert env_settings().heartbeat_interval == 13
+    monkeypatch.setenv("DREAM_WS_MAX_MESSAGE_SIZE", "1000")  # a variable that was not set before
+    assert env_settings().max_message_size == 1000
+    monkeypatch.delenv("DREAM_WS_HEARTBEAT_INTERVAL")
+    assert env_settings().heartbeat_interval == Settings().heartbeat_interval
