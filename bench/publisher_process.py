@@ -2,6 +2,11 @@
 
     python bench/publisher_process.py --stack ours --redis-url redis://127.0.0.1:6379 --dreams 100 --rate 50 --count 500
     python bench/publisher_process.py --stack ours --redis-url ... --dreams 100 --duration 10 --concurrency 32
+    python bench/publisher_process.py --mode sync --stack ours --redis-url ... --dreams 100 --duration 10
+
+`--mode async` (the default) publishes with the stack's async producer on a uvloop loop,
+`--concurrency` publishes in flight when flat out. `--mode sync` is what a Celery worker does:
+the stack's sync producer called in a plain loop, one update at a time, no event loop here.
 
 Update i goes to dream `first_dream + i % dreams` and carries its sequence number for that dream
 in `message`, so that the client can check order. Prints one JSON object when done.
@@ -20,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.stack_publishers import STACKS, Publisher, open_publisher
+from bench.stack_publishers import STACKS, Publisher, SyncPublisher, open_publisher, open_sync_publisher
 
 #: A dream nobody watches, for the unmeasured first publish.
 WARM_UP_DREAM = 10**9
@@ -94,6 +99,73 @@ async def flat_out(publisher: Publisher, plan: Plan, duration: float, concurrenc
     await asyncio.gather(*(worker(i) for i in range(workers)))
 
 
+def at_rate_sync(publisher: SyncPublisher, plan: Plan, rate: float, count: int) -> None:
+    """`at_rate` for a sync producer: sleeps between calls on the same fixed schedule."""
+    started = time.monotonic()
+    for i in range(count):
+        delay = started + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        dream, sequence = plan.next()
+        try:
+            publisher.publish(dream, sequence)
+        except Exception as exc:
+            plan.failed += 1
+            print(f"publish failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        else:
+            plan.published[dream] += 1
+
+
+def flat_out_sync(publisher: SyncPublisher, plan: Plan, duration: float) -> None:
+    """As many updates as one sync caller manages in `duration` seconds, round the dreams in
+    turn: a Celery worker publishing as fast as it can, one call after the other."""
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        dream, sequence = plan.next()
+        try:
+            publisher.publish(dream, sequence)
+        except Exception as exc:
+            plan.failed += 1
+            print(f"publish failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        else:
+            plan.published[dream] += 1
+
+
+def main_sync(args: argparse.Namespace) -> dict[str, object]:
+    publisher = open_sync_publisher(args.stack, args.redis_url)
+    plan = Plan(args.dreams, args.first_dream)
+    try:
+        publisher.publish(WARM_UP_DREAM, None)  # connects, outside the figures
+        cpu_before, started = cpu_seconds(), time.time()
+        if args.duration is not None:
+            flat_out_sync(publisher, plan, args.duration)
+        else:
+            at_rate_sync(publisher, plan, args.rate, args.count)
+        finished = time.time()
+        cpu = cpu_seconds() - cpu_before
+    finally:
+        publisher.close()
+    return result(args, plan, started, finished, cpu)
+
+
+def result(args: argparse.Namespace, plan: Plan, started: float, finished: float, cpu: float) -> dict[str, object]:
+    published = sum(plan.published.values())
+    return {
+        "event": "published",
+        "stack": args.stack,
+        "mode": args.mode,
+        "published": published,
+        "published_per_dream": {str(dream): n for dream, n in sorted(plan.published.items())},
+        "failed": plan.failed,
+        "started": started,
+        "finished": finished,
+        "publishes_per_second": round(published / max(finished - started, 1e-9), 1),
+        "cpu_seconds": round(cpu, 3),
+        # The process's CPU (every thread, the producer's own included) per update published.
+        "cpu_us_per_publish": round(1e6 * cpu / published, 1) if published else None,
+    }
+
+
 async def main(args: argparse.Namespace) -> dict[str, object]:
     publisher = await open_publisher(args.stack, args.redis_url)
     plan = Plan(args.dreams, args.first_dream)
@@ -105,24 +177,16 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         else:
             await at_rate(publisher, plan, args.rate, args.count)
         finished = time.time()
+        cpu = cpu_seconds() - cpu_before
     finally:
         await publisher.aclose()
-    return {
-        "event": "published",
-        "stack": args.stack,
-        "published": sum(plan.published.values()),
-        "published_per_dream": {str(dream): n for dream, n in sorted(plan.published.items())},
-        "failed": plan.failed,
-        "started": started,
-        "finished": finished,
-        "publishes_per_second": round(sum(plan.published.values()) / max(finished - started, 1e-9), 1),
-        "cpu_seconds": round(cpu_seconds() - cpu_before, 3),
-    }
+    return result(args, plan, started, finished, cpu)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stack", choices=STACKS, required=True)
+    parser.add_argument("--mode", choices=("async", "sync"), default="async", help="which producer of the stack")
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--dreams", type=int, default=1)
     parser.add_argument("--first-dream", type=int, default=1)
@@ -131,10 +195,13 @@ if __name__ == "__main__":
     parser.add_argument("--duration", type=float, help="publish flat out for this many seconds instead")
     parser.add_argument("--concurrency", type=int, default=32, help="publishes in flight (flat-out mode)")
     arguments = parser.parse_args()
-    try:
-        import uvloop
-    except ImportError:
-        result = asyncio.run(main(arguments))
+    if arguments.mode == "sync":
+        report = main_sync(arguments)
     else:
-        result = uvloop.run(main(arguments))
-    print(json.dumps(result), flush=True)
+        try:
+            import uvloop
+        except ImportError:
+            report = asyncio.run(main(arguments))
+        else:
+            report = uvloop.run(main(arguments))
+    print(json.dumps(report), flush=True)

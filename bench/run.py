@@ -2,7 +2,8 @@
 
     python bench/run.py                      # every scenario, every stack (a few minutes)
     python bench/run.py --smoke              # tiny sizes: proves the scripts work (seconds)
-    python bench/run.py --stacks ours,ceiling --scenarios fanout,throughput
+    python bench/run.py --stacks ours,ceiling --scenarios fanout,throughput_sync
+    python bench/run.py --json-out results.json && python bench/chart.py results.json
 
 For each stack: a fresh Redis server and one uvicorn worker on 127.0.0.1 (started and stopped by
 the tests' process harness, `tests/support/`), then each scenario with the load client
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -35,11 +37,17 @@ from tests.support.redis import RedisServer  # noqa: E402
 from tests.support.uvicorn import UvicornServer  # noqa: E402
 
 SECRET = "bench-secret-0123456789abcdef-0123456789abcdef"
-STACKS = ("ours", "channels", "ceiling", "sse-starlette")
+#: Every stack, in table order. `ours-granian` (our app on Granian) only when Granian is installed.
+ALL_STACKS = ("ours", "ours-granian", "channels", "ceiling", "ceiling-tasks", "sse-starlette")
+HAVE_GRANIAN = importlib.util.find_spec("granian") is not None
+#: What runs without `--stacks`.
+STACKS = tuple(s for s in ALL_STACKS if s != "ours-granian" or HAVE_GRANIAN)
 APPS = {
     "ours": "bench.servers.ours:app",
+    "ours-granian": "bench.servers.ours:app",
     "channels": "bench.servers.channels_app.asgi:application",
     "ceiling": "bench.servers.ceiling:app",
+    "ceiling-tasks": "bench.servers.ceiling_tasks:app",
     "sse-starlette": "bench.servers.sse_starlette_app:app",
 }
 #: The same uvicorn for every stack: its fastest WebSocket implementation, uvloop, no compression.
@@ -61,16 +69,47 @@ UVICORN_LOG_LEVEL = "warning"
 #: `heartbeat_interval`, 30 s by default), so uvicorn's WebSocket pings, which would only repeat
 #: it, are off, as docs/deployment.md recommends; the others have none of their own and keep uvicorn's
 #: (every 20 s by default).
-STACK_OPTIONS = {"ours": ["--ws-ping-interval", "0"], "channels": [], "ceiling": [], "sse-starlette": []}
-HEARTBEAT_SECONDS = {"ours": 30.0, "channels": 20.0, "ceiling": 20.0, "sse-starlette": 30.0}
-SCENARIOS = ("idle", "handshake", "fanout", "spread", "throughput", "sse_idle", "sse_fanout", "resume")
+STACK_OPTIONS = {
+    "ours": ["--ws-ping-interval", "0"],
+    "channels": [],
+    "ceiling": [],
+    "ceiling-tasks": [],
+    "sse-starlette": [],
+}
+#: Granian, as close to the uvicorn options as it goes: one worker, uvloop, the ASGI interface
+#: (its WebSocket pings are off by default; ours are the protocol's own).
+GRANIAN_OPTIONS = ["--interface", "asgi", "--loop", "uvloop", "--workers", "1", "--backlog", "4096", "--no-access-log"]
+HEARTBEAT_SECONDS = {
+    "ours": 30.0,
+    "ours-granian": 30.0,
+    "channels": 20.0,
+    "ceiling": 20.0,
+    "ceiling-tasks": 20.0,
+    "sse-starlette": 30.0,
+}
+SCENARIOS = (
+    "idle",
+    "handshake",
+    "fanout",
+    "fanout_slow",
+    "spread",
+    "throughput_sync",
+    "throughput_async",
+    "sse_idle",
+    "sse_fanout",
+    "resume",
+)
+#: Names that stand for several scenarios on the command line.
+ALIASES = {"throughput": ("throughput_sync", "throughput_async")}
 #: The stacks each scenario runs on: WebSocket ones on the WebSocket stacks, event streams on
-#: ours and the sse-starlette baseline, resuming on ours only (the others cannot).
-WEBSOCKET_STACKS = ("ours", "channels", "ceiling")
+#: ours and the sse-starlette baseline, resuming on ours only (the others cannot). The old
+#: ceiling (a task per connection) only where it tells something: the throughput scenarios.
+WEBSOCKET_STACKS = ("ours", "ours-granian", "channels", "ceiling")
 #: Scenarios that start on a fresh server process.
 FRESH_SERVER = frozenset({"idle", "sse_idle"})
 SCENARIO_STACKS = {
-    **dict.fromkeys(("idle", "handshake", "fanout", "spread", "throughput"), WEBSOCKET_STACKS),
+    **dict.fromkeys(("idle", "handshake", "fanout", "fanout_slow", "spread"), WEBSOCKET_STACKS),
+    **dict.fromkeys(("throughput_sync", "throughput_async"), (*WEBSOCKET_STACKS, "ceiling-tasks")),
     "sse_idle": ("ours", "sse-starlette"),
     "sse_fanout": ("ours", "sse-starlette"),
     "resume": ("ours",),
@@ -93,6 +132,9 @@ class Sizes:
     fanout_clients: int = 1_000
     fanout_rate: float = 10.0
     fanout_updates: int = 100
+    #: The same fan-out at the pace of a slow job: each update finds the server idle.
+    fanout_slow_rate: float = 2.0
+    fanout_slow_updates: int = 40
     spread_clients: int = 2_000
     spread_dreams: int = 1_000
     spread_updates: int = 2_000
@@ -113,6 +155,8 @@ SMOKE = Sizes(
     fanout_clients=50,
     fanout_rate=50.0,
     fanout_updates=20,
+    fanout_slow_rate=20.0,
+    fanout_slow_updates=10,
     spread_clients=40,
     spread_dreams=20,
     spread_updates=40,
@@ -142,6 +186,52 @@ def proc_rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its living descendants: Granian serves from a worker process under its own."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, ()))
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += proc_cpu_seconds(member)
+    return total
+
+
+def tree_rss_kib(pid: int) -> int:
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError, RuntimeError):
+            total += proc_rss_kib(member)
+    return total
+
+
+class GranianServer(UvicornServer):
+    """`granian` serving a stack's app, run by the same harness as uvicorn. Ready when the app
+    answers HTTP (any status): Granian listens before its worker has loaded the app."""
+
+    name = "granian"
+
+    def command(self) -> list[str]:
+        args = [sys.executable, "-m", "granian", "--host", "127.0.0.1", "--port", str(self.port)]
+        return [*args, "--log-level", self.log_level, *self.options, self.app]
+
+    def is_ready(self) -> bool:
+        return self.health(timeout=1.0) is not None
+
+
 class Server:
     """One uvicorn worker serving a stack's app (the tests' `UvicornServer`), started at once."""
 
@@ -154,13 +244,17 @@ class Server:
             "DJANGO_SETTINGS_MODULE": "bench.servers.channels_app.settings",
             "PYTHONPATH": str(ROOT),
         }
-        self.uvicorn = UvicornServer(
+        if stack == "ours-granian":
+            server_class, options = GranianServer, GRANIAN_OPTIONS
+        else:
+            server_class, options = UvicornServer, [*UVICORN_OPTIONS, *STACK_OPTIONS[stack]]
+        self.uvicorn = server_class(
             env,
             APPS[stack],
             app_dir=ROOT,
             cwd=ROOT,
             workdir=workdir / stack,
-            options=[*UVICORN_OPTIONS, *STACK_OPTIONS[stack]],
+            options=options,
             log_level=UVICORN_LOG_LEVEL,
             # Not every stack has `/health`, and uvicorn's start-up line is an INFO one.
             ready_when="port",
@@ -174,10 +268,10 @@ class Server:
         return f"{self.uvicorn.base_url}/dreams/{{dream}}/events"
 
     def cpu_seconds(self) -> float:
-        return proc_cpu_seconds(self.uvicorn.pid)
+        return tree_cpu_seconds(self.uvicorn.pid)
 
     def rss_kib(self) -> int:
-        return proc_rss_kib(self.uvicorn.pid)
+        return tree_rss_kib(self.uvicorn.pid)
 
     async def settle(self, timeout: float = 30.0) -> None:
         """Until the server is at rest (under a tenth of a core over half a second): what one
@@ -279,12 +373,16 @@ class LoadClient:
         await self.process.wait()
 
 
-async def publish(stack: str, redis_url: str, *args: str) -> dict[str, Any]:
+async def publish(stack: str, redis_url: str, *args: str, mode: str = "sync") -> dict[str, Any]:
+    """The publisher process, to its end. `mode`: the stack's sync producer (what a Celery
+    worker calls, the default) or its async one."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(ROOT / "bench" / "publisher_process.py"),
         "--stack",
         stack,
+        "--mode",
+        mode,
         "--redis-url",
         redis_url,
         *args,
@@ -328,13 +426,21 @@ async def delivery(
     publisher_args: list[str],
     *,
     sse: bool = False,
+    mode: str = "sync",
 ) -> dict[str, Any]:
     client = await LoadClient.start(server, sizes_clients, dreams, first_dream, sse=sse)
     try:
         client_cpu = float(client.ready["cpu_seconds"])
         async with measured(server) as figures:
             published = await publish(
-                server.stack, redis_url, "--dreams", str(dreams), "--first-dream", str(first_dream), *publisher_args
+                server.stack,
+                redis_url,
+                "--dreams",
+                str(dreams),
+                "--first-dream",
+                str(first_dream),
+                *publisher_args,
+                mode=mode,
             )
             expected = expected_deliveries(published, sizes_clients, dreams, first_dream)
             received = await client.wait_for(expected)
@@ -344,6 +450,7 @@ async def delivery(
     return {
         "clients": sizes_clients,
         "dreams": dreams,
+        "producer": mode,
         "published": published["published"],
         "publish_failures": published["failed"],
         "publishes_per_second": published["publishes_per_second"],
@@ -358,6 +465,8 @@ async def delivery(
         **figures,
         "client_cpu_seconds": round(float(report["cpu_seconds"]) - client_cpu, 3),
         "publisher_cpu_seconds": published["cpu_seconds"],
+        "producer_cpu_us_per_publish": published["cpu_us_per_publish"],
+        "server_cpu_us_per_delivered": round(1e6 * figures["server_cpu_seconds"] / received, 2) if received else None,
     }
 
 
@@ -367,19 +476,37 @@ async def fanout(server: Server, redis_url: str, sizes: Sizes) -> dict[str, Any]
     return {"rate_per_second": sizes.fanout_rate, **result}
 
 
+async def fanout_slow(server: Server, redis_url: str, sizes: Sizes) -> dict[str, Any]:
+    args = ["--rate", str(sizes.fanout_slow_rate), "--count", str(sizes.fanout_slow_updates)]
+    result = await delivery(server, redis_url, sizes.fanout_clients, 1, 250_000, args)
+    return {"rate_per_second": sizes.fanout_slow_rate, **result}
+
+
 async def spread(server: Server, redis_url: str, sizes: Sizes) -> dict[str, Any]:
     args = ["--rate", str(sizes.spread_rate), "--count", str(sizes.spread_updates)]
     result = await delivery(server, redis_url, sizes.spread_clients, sizes.spread_dreams, 300_000, args)
     return {"rate_per_second": sizes.spread_rate, **result}
 
 
-async def throughput(server: Server, redis_url: str, sizes: Sizes) -> dict[str, Any]:
+async def throughput(server: Server, redis_url: str, sizes: Sizes, mode: str) -> dict[str, Any]:
+    """Flat out for `throughput_seconds`: `sync`, one caller of the stack's sync producer (a
+    Celery worker publishing as fast as it can); `async`, `throughput_concurrency` publishes in
+    flight on the async producer."""
     clients = sizes.throughput_dreams * sizes.throughput_clients_per_dream
     args = ["--duration", str(sizes.throughput_seconds), "--concurrency", str(sizes.throughput_concurrency)]
-    result = await delivery(server, redis_url, clients, sizes.throughput_dreams, 400_000, args)
+    first_dream = 400_000 if mode == "sync" else 450_000
+    result = await delivery(server, redis_url, clients, sizes.throughput_dreams, first_dream, args, mode=mode)
     span = (result["last_receive"] or result["first_publish"]) - result["first_publish"]
     result["delivered_per_second"] = round(result["delivered"] / span) if span > 0 else 0
     return result
+
+
+async def throughput_sync(server: Server, redis_url: str, sizes: Sizes) -> dict[str, Any]:
+    return await throughput(server, redis_url, sizes, "sync")
+
+
+async def throughput_async(server: Server, redis_url: str, sizes: Sizes) -> dict[str, Any]:
+    return await throughput(server, redis_url, sizes, "async")
 
 
 async def sse_fanout(server: Server, redis_url: str, sizes: Sizes) -> dict[str, Any]:
@@ -478,8 +605,10 @@ RUNNERS: dict[str, Scenario] = {
     "idle": idle,
     "handshake": handshake,
     "fanout": fanout,
+    "fanout_slow": fanout_slow,
     "spread": spread,
-    "throughput": throughput,
+    "throughput_sync": throughput_sync,
+    "throughput_async": throughput_async,
     "sse_idle": sse_idle,
     "sse_fanout": sse_fanout,
     "resume": resume,
@@ -519,26 +648,43 @@ async def run(stacks: list[str], scenarios: list[str], sizes: Sizes) -> list[dic
 
 ROWS: list[tuple[str, str, str, str]] = [
     # (scenario, key, label, better)
-    ("fanout", "latency_ms_p50", "fan-out 1x1000: latency p50 (ms)", "lower"),
-    ("fanout", "latency_ms_p95", "fan-out 1x1000: latency p95 (ms)", "lower"),
-    ("fanout", "latency_ms_p99", "fan-out 1x1000: latency p99 (ms)", "lower"),
-    ("fanout", "delivered", "fan-out: delivered", ""),
-    ("fanout", "expected", "fan-out: expected", ""),
-    ("fanout", "server_cpu_seconds", "fan-out: server CPU s", "lower"),
-    ("fanout", "client_cpu_seconds", "fan-out: client CPU s", ""),
+    ("fanout", "latency_ms_p50", "fan-out 1x1000 @10/s: latency p50 (ms)", "lower"),
+    ("fanout", "latency_ms_p95", "fan-out 1x1000 @10/s: latency p95 (ms)", "lower"),
+    ("fanout", "latency_ms_p99", "fan-out 1x1000 @10/s: latency p99 (ms)", "lower"),
+    ("fanout", "delivered", "fan-out @10/s: delivered", ""),
+    ("fanout", "expected", "fan-out @10/s: expected", ""),
+    ("fanout", "server_cpu_seconds", "fan-out @10/s: server CPU s", "lower"),
+    ("fanout", "server_cpu_us_per_delivered", "fan-out @10/s: server CPU µs per delivered", "lower"),
+    ("fanout", "client_cpu_seconds", "fan-out @10/s: client CPU s", ""),
+    ("fanout_slow", "latency_ms_p50", "fan-out 1x1000 @2/s: latency p50 (ms)", "lower"),
+    ("fanout_slow", "latency_ms_p99", "fan-out 1x1000 @2/s: latency p99 (ms)", "lower"),
+    ("fanout_slow", "delivered", "fan-out @2/s: delivered", ""),
+    ("fanout_slow", "server_cpu_us_per_delivered", "fan-out @2/s: server CPU µs per delivered", "lower"),
     ("spread", "latency_ms_p50", "spread 2000/1000: latency p50 (ms)", "lower"),
     ("spread", "latency_ms_p99", "spread 2000/1000: latency p99 (ms)", "lower"),
     ("spread", "delivered", "spread: delivered", ""),
     ("spread", "expected", "spread: expected", ""),
     ("spread", "server_cpu_seconds", "spread: server CPU s", "lower"),
-    ("throughput", "delivered_per_second", "throughput 100x10: delivered msgs/s", "higher"),
-    ("throughput", "publishes_per_second", "throughput: publishes/s", ""),
-    ("throughput", "lost", "throughput: lost", "lower"),
-    ("throughput", "latency_ms_p99", "throughput: latency p99 (ms)", "lower"),
-    ("throughput", "server_cpu_seconds", "throughput: server CPU s", ""),
-    ("throughput", "client_cpu_seconds", "throughput: client CPU s", ""),
-    ("throughput", "publisher_cpu_seconds", "throughput: publisher CPU s", ""),
-    ("throughput", "redis_cpu_seconds", "throughput: Redis CPU s", ""),
+    *(
+        row
+        for mode in ("sync", "async")
+        for row in (
+            (f"throughput_{mode}", "delivered_per_second", f"throughput 100x10 {mode}: delivered msgs/s", "higher"),
+            (f"throughput_{mode}", "publishes_per_second", f"throughput {mode}: publishes/s", "higher"),
+            (f"throughput_{mode}", "producer_cpu_us_per_publish", f"throughput {mode}: producer CPU µs/pub", "lower"),
+            (
+                f"throughput_{mode}",
+                "server_cpu_us_per_delivered",
+                f"throughput {mode}: server CPU µs/delivered",
+                "lower",
+            ),
+            (f"throughput_{mode}", "lost", f"throughput {mode}: lost", "lower"),
+            (f"throughput_{mode}", "latency_ms_p99", f"throughput {mode}: latency p99 (ms)", "lower"),
+            (f"throughput_{mode}", "server_cpu_seconds", f"throughput {mode}: server CPU s", ""),
+            (f"throughput_{mode}", "client_cpu_seconds", f"throughput {mode}: client CPU s", ""),
+            (f"throughput_{mode}", "redis_cpu_seconds", f"throughput {mode}: Redis CPU s", ""),
+        )
+    ),
     ("idle", "kib_per_connection", "idle 10k: KiB per connection", "lower"),
     ("idle", "idle_cpu_percent_of_a_core", "idle 10k: server CPU % of a core", "lower"),
     ("handshake", "connect_seconds", "handshake: seconds for 5000", "lower"),
@@ -555,15 +701,16 @@ ROWS: list[tuple[str, str, str, str]] = [
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    """Rows of figures, a column per stack, and ours as a fraction of the ceiling and against
-    Channels (how many times better; below 1 is worse)."""
+    """Rows of figures, a column per stack; then every figure of ours (and of ours on Granian)
+    as a fraction of the ceiling's (for throughput, above 1 would beat it; for latency and CPU,
+    below 1), and ours against Channels (how many times better; below 1 is worse)."""
     by = {(r["scenario"], r["stack"]): r for r in results}
-    stacks = [s for s in STACKS if any(r["stack"] == s for r in results)]
-    compare = "ours" in stacks
-    header = ["", *stacks]
-    if compare and "ceiling" in stacks:
-        header.append("ours / ceiling")
-    if compare and "channels" in stacks:
+    stacks = [s for s in ALL_STACKS if any(r["stack"] == s for r in results)]
+    ceiling = "ceiling" in stacks
+    mine = [s for s in ("ours", "ours-granian") if s in stacks] if ceiling else []
+    versus_channels = "ours" in stacks and "channels" in stacks
+    header = ["", *stacks, *(f"{s} / ceiling" for s in mine)]
+    if versus_channels:
         header.append("ours vs Channels")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for scenario, key, label, better in ROWS:
@@ -571,11 +718,9 @@ def table(results: list[dict[str, Any]]) -> str:
         if all(value is None for value in values.values()):
             continue
         row = [label, *(_fmt(values[stack]) for stack in stacks)]
-        ours = values.get("ours")
-        if compare and "ceiling" in stacks:
-            row.append(_ratio(ours, values["ceiling"]) if better else "")
-        if compare and "channels" in stacks:
-            theirs = values["channels"]
+        row += [_ratio(values[s], values["ceiling"]) for s in mine]
+        if versus_channels:
+            ours, theirs = values["ours"], values["channels"]
             if better == "higher":
                 row.append(_times(ours, theirs))
             elif better == "lower":
@@ -621,19 +766,27 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stacks", default=",".join(STACKS))
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--stacks", default=",".join(STACKS), help=f"of {', '.join(ALL_STACKS)}")
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help=f"of {', '.join(SCENARIOS)} ('throughput': both)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check that everything runs")
     parser.add_argument("--json-out", type=Path, help="also write every result to this file")
     args = parser.parse_args()
     stacks = [s for s in args.stacks.split(",") if s]
-    scenarios = [s for s in args.scenarios.split(",") if s]
+    scenarios = [name for s in args.scenarios.split(",") if s for name in ALIASES.get(s, (s,))]
     for name in stacks:
-        if name not in STACKS:
+        if name not in ALL_STACKS:
             parser.error(f"unknown stack {name!r}")
+        if name == "ours-granian" and not HAVE_GRANIAN:
+            parser.error("ours-granian needs Granian: pip install granian")
     for name in scenarios:
         if name not in SCENARIOS:
             parser.error(f"unknown scenario {name!r}")
+    if args.smoke and args.stacks == parser.get_default("stacks"):
+        # The smoke run proves the scripts work in about a minute: Granian serves the same app,
+        # so it is left to full runs and to an explicit `--stacks`.
+        stacks = [s for s in stacks if s != "ours-granian"]
     sizes = SMOKE if args.smoke else Sizes()
     results = asyncio.run(run(stacks, scenarios, sizes))
     print()

@@ -9,6 +9,11 @@ server code. `apublish(group, event)` publishes any event to any group on the cu
 * in a process with no app (a Celery worker, a script), it keeps one background thread with
   an event loop and one backend connection for the life of the process;
 * in a running event loop's own thread it refuses: blocking there would stall the loop.
+
+With `connection=` (the app's database connection or session, inside its transaction), any
+of them writes the update in that transaction instead, on PostgreSQL, so that it reaches
+browsers only if the transaction commits (`transactional`); the sync forms then run in the
+calling thread, on that connection.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 from urllib.parse import urlsplit
 
+from . import transactional
 from .groups import GroupLayer, shared
 from .groups.backends import is_process_local
 from .groups.publishing import retrying_blocking
@@ -64,16 +70,23 @@ def _refuse_lone_memory(settings: Settings) -> None:
         )
 
 
-async def apublish(group: str, event: Mapping[str, Any], *, settings: Settings | None = None) -> None:
+async def apublish(
+    group: str, event: Mapping[str, Any], *, settings: Settings | None = None, connection: object | None = None
+) -> None:
     """Publish `event` (a JSON object with a `type`) to every member of `group`, in every
     process, and keep it as the group's latest state.
 
     Without `settings`, uses the app running in this process, else `DREAM_WS_*` variables.
     Retries with backoff, then raises `PublishError`; `ValueError`/`TypeError` for a bad group
-    name or event, before anything is sent.
+    name or event, before anything is sent. With `connection` (an async psycopg, asyncpg or
+    SQLAlchemy connection or session, in its transaction), writes it in that transaction:
+    delivered only if it commits, never retried (see `transactional`).
     """
     content = _checked(group, event)
     settings, layer = _resolve(settings)
+    if connection is not None:
+        await transactional.apublish_in_transaction(connection, group, content, settings=settings)
+        return
     await _publish(settings, layer, group, content)
 
 
@@ -90,15 +103,20 @@ async def asend_image_update(
     progress: int | None = None,
     *,
     settings: Settings | None = None,
+    connection: object | None = None,
 ) -> None:
     """Publish an `image_update` to everyone watching `dream_id`, and record it as the latest.
 
     `progress` (0-100) is optional. Without `settings`, uses the app running in this process,
     else `DREAM_WS_*` variables. Retries with backoff, then raises `PublishError`; `ValueError`
-    (or `TypeError`) for a bad argument, before anything is sent.
+    (or `TypeError`) for a bad argument, before anything is sent. With `connection`, writes it
+    in that connection's transaction, as `apublish` does.
     """
     update = image_update_message(dream_id, image_urls, status, message, progress)
     settings, layer = _resolve(settings)
+    if connection is not None:
+        await transactional.apublish_in_transaction(connection, dream_group(dream_id), update, settings=settings)
+        return
     await _publish(settings, layer, dream_group(dream_id), update)
 
 
@@ -113,12 +131,20 @@ def blocking(
     * on Redis, the calling thread runs the publish script on its own sync connection (about
       one round trip of CPU, no loop involved);
     * otherwise the process's background loop publishes it, and the call waits.
+
+    With `connection`, the calling thread writes it on that connection, in its transaction.
     """
 
     @functools.wraps(publish)
     def run(*args: P.args, **kwargs: P.kwargs) -> None:
         settings = cast("Settings | None", kwargs.pop("settings", None))
+        connection = kwargs.pop("connection", None)
         group, content = prepare(*args, **kwargs)
+        if connection is not None:
+            # The caller's transaction lives on its connection, in this thread: never on a loop.
+            resolved = _resolve(settings)[0]
+            transactional.publish_in_transaction(connection, group, content, settings=resolved)
+            return
         _refuse_in_loop_thread(publish.__name__)
         layer = shared.find_running(settings)
         if layer is not None and layer.loop is not None:

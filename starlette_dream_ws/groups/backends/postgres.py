@@ -33,6 +33,9 @@ import asyncpg
 from ...protocol import Position, new_epoch
 from ..contract import BackendConnectionLost, History, Published, split_position
 
+#: The messages table (its positions table is `<table>_positions`) when none is named.
+DEFAULT_TABLE = "dream_ws_messages"
+
 #: NOTIFY refuses a payload of 8000 bytes or more (BLCKSZ - NAMEDATALEN - 128 in a default build).
 MAX_PAYLOAD_BYTES = 7999
 #: The largest message: the payload also carries its position (`<epoch>:<seq> `, at most 50 bytes).
@@ -65,6 +68,22 @@ def check_channel(channel: str) -> None:
     size = len(channel.encode())
     if not 0 < size <= MAX_CHANNEL_BYTES or "\x00" in channel:
         raise ValueError(f"a PostgreSQL channel name must be 1 to {MAX_CHANNEL_BYTES} bytes without NUL: {channel!r}")
+
+
+def check_publish(channel: str, text: str) -> None:
+    """Refuse what a publish could not carry, before anything is written: a channel name
+    PostgreSQL refuses, a message over `MAX_MESSAGE_BYTES`, NUL characters."""
+    if not isinstance(text, str):
+        raise TypeError(f"a PostgreSQL notification is text, not {type(text).__name__}")
+    check_channel(channel)
+    size = len(text.encode())
+    if size > MAX_MESSAGE_BYTES:
+        raise PayloadTooLarge(
+            f"a message of {size} bytes does not fit in a PostgreSQL notification "
+            f"(at most {MAX_MESSAGE_BYTES} bytes): send a reference to the data instead"
+        )
+    if "\x00" in text:
+        raise ValueError("PostgreSQL text cannot hold NUL characters")
 
 
 def quote_ident(name: str) -> str:
@@ -114,7 +133,7 @@ class PostgresBackend:
         *,
         ttl: float = 86400.0,
         history_size: int = 100,
-        table: str = "dream_ws_messages",
+        table: str = DEFAULT_TABLE,
         max_pending: int = MAX_PENDING,
         idle_check_interval: float = IDLE_CHECK_INTERVAL,
         idle_check_timeout: float = IDLE_CHECK_TIMEOUT,
@@ -132,7 +151,7 @@ class PostgresBackend:
         self._lost: BackendConnectionLost | None = None
         # asyncpg runs one command at a time per connection: LISTEN, UNLISTEN and the probe take turns.
         self._lock = asyncio.Lock()
-        self._sql = _HistorySQL(table)
+        self._sql = HistorySQL(table)
 
     async def connect(self) -> None:
         # On failure the layer calls disconnect(), which closes whatever was opened.
@@ -166,21 +185,11 @@ class PostgresBackend:
                 await self._listening().remove_listener(channel, self._on_notification)
 
     async def publish(self, channel: str, text: str) -> Position:
-        if not isinstance(text, str):
-            raise TypeError(f"a PostgreSQL notification is text, not {type(text).__name__}")
-        check_channel(channel)
-        size = len(text.encode())
-        if size > MAX_MESSAGE_BYTES:
-            raise PayloadTooLarge(
-                f"a message of {size} bytes does not fit in a PostgreSQL notification "
-                f"(at most {MAX_MESSAGE_BYTES} bytes): send a reference to the data instead"
-            )
-        if "\x00" in text:
-            raise ValueError("PostgreSQL text cannot hold NUL characters")
+        check_publish(channel, text)
         async with self._pooled().acquire() as connection, connection.transaction():
-            row = await connection.fetchrow(self._sql.publish, [channel], new_epoch(), self._ttl, 1, text)
+            row = await connection.fetchrow(self._sql.publish, *self._sql.publish_args(channel, text, self._ttl))
             position = Position(row["epoch"], row["seq"])
-            await connection.execute(self._sql.trim, channel, position.epoch, position.seq, self._history_size)
+            await connection.execute(self._sql.trim, *self._sql.trim_args(channel, position, self._history_size))
             await connection.execute(self._sql.purge)
         return position
 
@@ -272,8 +281,13 @@ class PostgresBackend:
         self._arrived.set()
 
 
-class _HistorySQL:
-    """The statements of `PostgresBackend` on one messages table and its positions table."""
+class HistorySQL:
+    """The statements of `PostgresBackend` on one messages table and its positions table.
+
+    Shared with `starlette_dream_ws.transactional`, which runs `publish` then `trim` on an
+    app's own connection inside the app's transaction: the statements, and the order of their
+    arguments (`publish_args`, `trim_args`), are written once, here. Parameters are `$n`.
+    """
 
     def __init__(self, table: str) -> None:
         m, p = quote_ident(table), quote_ident(table + "_positions")
@@ -305,12 +319,13 @@ class _HistorySQL:
             " RETURNING p.grp, p.epoch, p.seq"
         )
         self.positions = upsert
-        # $5: the message. Notified as "<epoch>:<seq> <message>".
+        # $5: the message. Notified as "<epoch>:<seq> <message>". `$1` is cast where it is
+        # subscripted: a driver that binds on the client side sends an untyped literal.
         self.publish = (
             f"WITH pos AS ({upsert}),"
             f" new AS (INSERT INTO {m} (grp, epoch, seq, message, expires_at)"
             f" SELECT grp, epoch, seq, $5::text, {expiry} FROM pos RETURNING epoch, seq)"
-            " SELECT epoch, seq, pg_notify($1[1], epoch || ':' || seq || ' ' || $5::text) FROM new"
+            " SELECT epoch, seq, pg_notify(($1::text[])[1], epoch || ':' || seq || ' ' || $5::text) FROM new"
         )
         # Keep the group's newest `history_size` rows of its current epoch.
         self.trim = f"DELETE FROM {m} WHERE grp = $1::text AND (epoch <> $2::text OR seq <= $3::bigint - $4::int)"
@@ -332,3 +347,13 @@ class _HistorySQL:
             " ON m.grp = p.grp AND m.epoch = p.epoch AND m.seq = p.seq"
             " WHERE p.grp = $1::text AND p.expires_at > now() AND m.expires_at > now()"
         )
+
+    @staticmethod
+    def publish_args(channel: str, text: str, ttl: float) -> tuple[list[str], str, float, int, str]:
+        """The arguments of `publish`: the new epoch a group without a live one starts."""
+        return [channel], new_epoch(), ttl, 1, text
+
+    @staticmethod
+    def trim_args(channel: str, position: Position, history_size: int) -> tuple[str, str, int, int]:
+        """The arguments of `trim`, after a publish that got `position`."""
+        return channel, position.epoch, position.seq, history_size
