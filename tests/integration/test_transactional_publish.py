@@ -512,3 +512,31 @@ async def test_the_apps_cursor_and_row_factories_do_not_matter(
         received = [await update(ws) for _ in factories]
         await nothing_arrives(ws)
     assert [(m["message"], m["seq"]) for m in received] == [("ClientCursor", seq + 1), ("RawCursor", seq + 2)]
+
+
+async def test_a_server_connecting_while_an_app_transaction_is_open_does_not_wait_for_it(
+    server: UvicornServer, postgres_server: PostgresServer
+) -> None:
+    # The tables exist (the server made them): a backend connecting later must not run the
+    # create script, whose CREATE INDEX would wait for the open transaction below.
+    from starlette_dream_ws.groups.backends.postgres import PostgresBackend
+
+    settings = Settings(broadcast_url=postgres_server.url)
+    app_connection = await asyncpg.connect(postgres_server.url)
+    backend = PostgresBackend(postgres_server.url)
+    try:
+        async with app_connection.transaction():
+            await asend_image_update(next(_dreams), None, "processing", settings=settings, connection=app_connection)
+            async with asyncio.timeout(5):
+                await backend.connect()
+            await backend.publish("dream_images_elsewhere", '{"type":"x"}')
+            raise _RollBack
+    except _RollBack:
+        pass
+    finally:
+        await backend.disconnect()
+        await app_connection.close()
+
+
+class _RollBack(Exception):
+    """Leaves the app's transaction without committing it."""

@@ -158,7 +158,8 @@ class PostgresBackend:
         self._listener = await asyncpg.connect(self._url, timeout=CONNECT_TIMEOUT)
         self._listener.add_termination_listener(self._on_termination)
         self._pool = await _create_pool(self._url)
-        await self._pool.execute(self._sql.create)
+        if not await self._pool.fetchval(self._sql.exists):
+            await self._pool.execute(self._sql.create)
 
     async def disconnect(self) -> None:
         self._lose("the backend was disconnected")
@@ -303,6 +304,11 @@ class HistorySQL:
                 "grp text PRIMARY KEY, epoch text NOT NULL, seq bigint NOT NULL, expires_at timestamptz NOT NULL",
             )
         )
+        # Whether every table and index is there already: then `create` is not run at all, since
+        # CREATE INDEX IF NOT EXISTS waits for every open writer of the table even when the
+        # index exists (an app's transaction that has published, another server's publishes).
+        names = (table, table + "_expires_at", table + "_positions", table + "_positions_expires_at")
+        self.exists = "SELECT " + " AND ".join(f"to_regclass({_literal(quote_ident(n))}) IS NOT NULL" for n in names)
         expiry = "now() + make_interval(secs => $3::float8)"
         # A group's position: an expired one starts a new epoch (the one given, $2) from 0.
         # `$4` is added to seq: 1 to publish, 0 to read (and start an epoch if there is none).
