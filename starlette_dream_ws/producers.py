@@ -28,17 +28,16 @@ import selectors
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
-from urllib.parse import urlsplit
 
 from . import transactional
 from .groups import GroupLayer, shared
-from .groups.backends import is_process_local
+from .groups.backends import create_blocking_publisher, is_process_local
 from .groups.publishing import retrying_blocking
 from .protocol import check_event, check_group, dream_group, encode, image_update_message
 from .settings import Settings, env_settings
 
 if TYPE_CHECKING:
-    from .groups.backends.redis_blocking import BlockingRedisPublisher
+    from .groups.contract import BlockingPublisher
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -128,8 +127,8 @@ def blocking(
     the group and the message, before anything else happens. Then:
 
     * an app of this process running in another thread publishes it (on its connection);
-    * on Redis, the calling thread runs the publish script on its own sync connection (about
-      one round trip of CPU, no loop involved);
+    * on Redis (and on PostgreSQL with psycopg), the calling thread publishes on its own sync
+      connection (about one round trip of CPU, no loop involved);
     * otherwise the process's background loop publishes it, and the call waits.
 
     With `connection`, the calling thread writes it on that connection, in its transaction.
@@ -150,7 +149,8 @@ def blocking(
         if layer is not None and layer.loop is not None:
             asyncio.run_coroutine_threadsafe(layer.publish(group, content), layer.loop).result()
             return
-        resolved, layer = _resolve(settings)
+        # Given settings, `find_running` has just looked for an app's layer on them: none runs.
+        resolved, layer = (settings, None) if settings is not None else _resolve(None)
         publisher = _blocking_publisher(resolved) if layer is None else None
         if publisher is not None:
             text = encode(content)
@@ -183,27 +183,24 @@ send_image_update = blocking(asend_image_update, "send_image_update", prepare=_i
 publish = blocking(apublish, "publish", prepare=_event)
 
 
-# -- sync connections to Redis ---------------------------------------------------------------
+# -- sync connections of the backends that have them ------------------------------------------
 
-#: This process's sync publishers, by the settings they publish with.
-_blocking_publishers: dict[tuple[str, float, int, float], BlockingRedisPublisher] = {}
+#: This process's sync publishers, by the settings they publish with (None: the backend has none).
+_blocking_publishers: dict[tuple[str, float, int, float], BlockingPublisher | None] = {}
 
 
-def _blocking_publisher(settings: Settings) -> BlockingRedisPublisher | None:
-    """The sync publisher for `settings` if its backend has one (Redis), made on first use."""
-    if urlsplit(settings.broadcast_url).scheme not in ("redis", "rediss"):
-        return None
+def _blocking_publisher(settings: Settings) -> BlockingPublisher | None:
+    """The sync publisher for `settings` if its backend has one (Redis; PostgreSQL with psycopg),
+    made on first use and again in a forked child."""
     key = (settings.broadcast_url, settings.state_ttl, settings.history_size, settings.publish_timeout)
-    publisher = _blocking_publishers.get(key)
-    if publisher is None or publisher.pid != os.getpid():
+    publisher = _blocking_publishers.get(key, _UNKNOWN)
+    if publisher is _UNKNOWN or (publisher is not None and publisher.pid != os.getpid()):
         with _lock:
-            publisher = _blocking_publishers.get(key)
-            if publisher is None or publisher.pid != os.getpid():
-                # Imported here: a process on another backend never imports the Redis client.
-                from .groups.backends.redis_blocking import BlockingRedisPublisher
+            publisher = _blocking_publishers[key] = create_blocking_publisher(settings)
+    return cast("BlockingPublisher | None", publisher)
 
-                publisher = _blocking_publishers[key] = BlockingRedisPublisher(settings)
-    return publisher
+
+_UNKNOWN: Any = object()
 
 
 def _refuse_in_loop_thread(async_name: str) -> None:
@@ -313,7 +310,7 @@ def close_producers() -> None:
     global _background
     with _lock:
         background, _background = _background, None
-        publishers = list(_blocking_publishers.values())
+        publishers = [publisher for publisher in _blocking_publishers.values() if publisher is not None]
         _blocking_publishers.clear()
     for publisher in publishers:
         publisher.close()

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from ..protocol import Position
+
+if TYPE_CHECKING:
+    from .publishing import PublishMetrics
 
 
 class BackendConnectionLost(ConnectionError):
@@ -99,3 +102,17 @@ def split_position(data: str) -> tuple[Position | None, str]:
         except ValueError:
             pass
     return None, data
+
+
+class BlockingPublisher(Protocol):
+    """Publishing from sync code without an event loop, where a backend has a sync client.
+
+    `publish` is one attempt (the caller retries); connections are per thread and per process.
+    """
+
+    pid: int
+    metrics: PublishMetrics
+
+    def publish(self, channel: str, text: str) -> Position: ...
+
+    def close(self) -> None: ...

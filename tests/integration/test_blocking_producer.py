@@ -1,4 +1,4 @@
-"""The sync producer on Redis publishes from the calling thread, on a connection of its own.
+"""The sync producer on Redis (and PostgreSQL) publishes from the calling thread, on a connection of its own.
 
 What a Celery worker does: `send_image_update` / `publish` from plain threads, no app and no
 event loop in the process. Checked against a real Redis: positions stay gap-free per group
@@ -8,6 +8,7 @@ is used again at once, and a Redis that stays away gives `PublishError` after th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Iterator
@@ -16,7 +17,9 @@ import pytest
 import redis
 
 from starlette_dream_ws import PublishError, Settings, close_producers, publish, send_image_update
+from starlette_dream_ws.groups.backends.postgres import PostgresBackend
 from starlette_dream_ws.groups.backends.redis import keys
+from tests.support.postgres import PostgresServer
 from tests.support.redis import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -101,3 +104,41 @@ def test_a_redis_that_stays_away_gives_publish_error(redis_server: RedisServer, 
             send_image_update(3, status="completed", settings=settings)
     finally:
         redis_server.start()
+
+
+def test_postgres_threads_publish_gap_free_positions_on_a_connection_each(postgres_server: PostgresServer) -> None:
+    settings = Settings(broadcast_url=postgres_server.url, publish_retries=2, publish_backoff=0.01)
+    # The servers' backend makes the tables; a producer only writes to them.
+    asyncio.run(_make_tables(postgres_server.url))
+    failures: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            for n in range(PER_THREAD):
+                publish("renders_pg", {"type": "render_update", "by": index, "n": n}, settings=settings)
+        except BaseException as exc:  # reported to the test, which fails on it
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == []
+        rows = postgres_server.sql("SELECT seq, message FROM dream_ws_messages WHERE grp = 'renders_pg' ORDER BY seq")
+        seqs = [int(line.split("|")[0]) for line in rows.splitlines() if line.strip()]
+        assert seqs == list(range(THREADS * PER_THREAD - len(seqs) + 1, THREADS * PER_THREAD + 1))
+        assert len(seqs) == settings.history_size
+        sessions = postgres_server.sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        assert int(sessions.strip()) == THREADS
+    finally:
+        close_producers()
+
+
+async def _make_tables(url: str) -> None:
+    backend = PostgresBackend(url)
+    await backend.connect()
+    await backend.disconnect()

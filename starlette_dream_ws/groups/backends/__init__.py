@@ -6,9 +6,13 @@ asyncpg, and one on `memory://` imports neither client.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from ..contract import Backend
+from ..contract import Backend, BlockingPublisher
+
+if TYPE_CHECKING:
+    from ...settings import Settings
 
 #: Schemes with a backend that is tested here against a real server, reconnects after a lost
 #: connection and catches up on what it missed (memory is one process: nothing to lose).
@@ -58,3 +62,20 @@ def create_backend(url: str, *, ttl: float = 86400.0, history_size: int = 100) -
 
         return PostgresBackend(url, ttl=ttl, history_size=history_size)
     raise ValueError(unsupported(url) or f"no backend for {url!r}")
+
+
+def create_blocking_publisher(settings: Settings) -> BlockingPublisher | None:
+    """The sync publisher for `settings.broadcast_url` (publishing without an event loop), or
+    None if its backend has none (then sync producers go through a background loop)."""
+    scheme = urlsplit(settings.broadcast_url).scheme
+    if scheme in ("redis", "rediss"):
+        from .redis_blocking import BlockingRedisPublisher
+
+        return BlockingRedisPublisher(settings)
+    if scheme in ("postgres", "postgresql"):
+        try:
+            from .postgres_blocking import BlockingPostgresPublisher
+        except ImportError:  # no psycopg: the async driver on the background loop does it
+            return None
+        return BlockingPostgresPublisher(settings)
+    return None

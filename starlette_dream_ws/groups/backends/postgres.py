@@ -335,11 +335,13 @@ class HistorySQL:
         )
         # Keep the group's newest `history_size` rows of its current epoch.
         self.trim = f"DELETE FROM {m} WHERE grp = $1::text AND (epoch <> $2::text OR seq <= $3::bigint - $4::int)"
-        self.purge = (
+        #: Expired rows, a batch at a time (two statements: a pipeline runs them one by one).
+        self.purge_statements = (
             f"DELETE FROM {m} WHERE (grp, seq) IN"
-            f" (SELECT grp, seq FROM {m} WHERE expires_at <= now() LIMIT {PURGE_BATCH});"
-            f" DELETE FROM {p} WHERE grp IN (SELECT grp FROM {p} WHERE expires_at <= now() LIMIT {PURGE_BATCH})"
+            f" (SELECT grp, seq FROM {m} WHERE expires_at <= now() LIMIT {PURGE_BATCH})",
+            f"DELETE FROM {p} WHERE grp IN (SELECT grp FROM {p} WHERE expires_at <= now() LIMIT {PURGE_BATCH})",
         )
+        self.purge = "; ".join(self.purge_statements)
         # One statement, so one snapshot: the position and the messages after $2:$3 agree.
         self.history = (
             "SELECT p.epoch, p.seq, m.seq AS message_seq, m.message"
