@@ -35,18 +35,21 @@ DEMO_SECRET = "demo-only-secret-do-not-use-in-production"
 #: Seconds between the simulated worker's steps; read at each step, so tests can shorten it.
 STEP_DELAY = float(os.environ.get("DEMO_STEP_DELAY", "3"))
 
-# (dream id, status, images so far, message): one round of the simulated worker. Steps of
-# different dreams interleave, so the page shows several dreams changing at once.
-STEPS = [
-    (1, "processing", 0, "Dreaming..."),
-    (2, "processing", 0, "Dreaming..."),
-    (3, "completed", 2, "2 images ready"),
-    (1, "processing", 1, "1 of 3 images"),
-    (2, "processing", 1, "1 of 3 images"),
-    (3, "delete_processing", 2, "Deleting images"),
-    (1, "completed", 3, "3 images ready"),
-    (2, "failed", 1, "The dream machine ran out of ideas"),
-    (3, "delete_completed", 0, "Images deleted"),
+# (dream id, status, images so far, message, progress): one round of the simulated worker.
+# Steps of different dreams interleave, so the page shows several dreams changing at once.
+# `progress` (percent, or None for no such field) is optional in an update: dreams 1 and 2
+# report it while they render, as a worker that knows how far it has got would.
+STEPS: list[tuple[int, str, int, str, int | None]] = [
+    (1, "processing", 0, "Dreaming...", None),
+    (2, "processing", 0, "Dreaming...", None),
+    (3, "completed", 2, "2 images ready", None),
+    (1, "processing", 1, "1 of 3 images", 33),
+    (2, "processing", 1, "1 of 3 images", 33),
+    (3, "delete_processing", 2, "Deleting images", None),
+    (1, "processing", 2, "2 of 3 images", 67),
+    (2, "failed", 1, "The dream machine ran out of ideas", None),
+    (3, "delete_completed", 0, "Images deleted", None),
+    (1, "completed", 3, "3 images ready", None),
 ]
 
 dream_ws = DreamWebSocketApp(
@@ -62,10 +65,10 @@ dream_ws = DreamWebSocketApp(
 async def simulate_worker() -> None:
     """Publish the steps forever, as a real image worker would with its own progress."""
     while True:
-        for dream_id, status, count, message in STEPS:
+        for dream_id, status, count, message, progress in STEPS:
             images = [f"/images/dream-{dream_id}-{n}.svg" for n in range(1, count + 1)]
             try:
-                await asend_image_update(dream_id, images, status, message)
+                await asend_image_update(dream_id, images, status, message, progress)
             except Exception:
                 # A demo keeps going; a real worker would retry or mark the job failed.
                 logger.exception("publishing an update of dream %s failed", dream_id)

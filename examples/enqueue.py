@@ -18,14 +18,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--delete", action="store_true", help="delete the dream's images instead")
     parser.add_argument("--fail", action="store_true", help="end in failed / delete_failed")
     parser.add_argument("--step-delay", type=float, default=1.0, help="seconds of simulated work per step")
-    parser.add_argument("--wait", action="store_true", help="wait for the task and print its final status")
+    parser.add_argument("--wait", action="store_true", help="wait for the task and print its outcome")
     args = parser.parse_args(argv)
 
     task = delete_dream if args.delete else generate_dream
     result = task.delay(args.dream_id, fail=args.fail, step_delay=args.step_delay)
     print(f"enqueued {task.name}[{result.id}] for dream {args.dream_id}")
     if args.wait:
-        print(f"final status: {result.get(timeout=60)}")
+        # The task's result (its image URLs) or, for a task that failed, its state and error.
+        value = result.get(timeout=60, propagate=False)
+        print(f"{result.state}: {value}")
 
 
 if __name__ == "__main__":

@@ -1,26 +1,30 @@
 """The Celery example end to end: a real prefork worker publishes, two uvicorn servers deliver.
 
-The worker (`examples/celery_app.py`) runs with `--pool=prefork --concurrency=2`, so every
-update is published from a forked child, through the sync `send_image_update`. Browser-like
-clients (token in the subprotocol) on both servers (`examples/server.py`) watch several dreams
-while the test process enqueues the walks with `apply_async`, as a web app would.
+The worker (`examples/celery_app.py`, whose tasks use `starlette_dream_ws.celery.reports_dream`)
+runs with `--pool=prefork --concurrency=2`, so every update is published from a forked child,
+through the sync `send_image_update`. Browser-like clients (token in the subprotocol) on both
+servers (`examples/server.py`) watch several dreams while the test process enqueues the tasks
+with `apply_async`, as a web app would: processing, percent progress, then completed with the
+task's URLs, or failed with a fixed message while the task fails with its own error.
 
-The retry pattern (a `PublishError` retries the task from the step that failed, a bounded
-number of times) is tested in this process with `apply()`, which runs retries at once.
+The retries (a `PublishError` retries the task, a bounded number of times) are tested in this
+process with `apply()`, which runs retries at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +35,7 @@ import redis
 from websockets.asyncio.client import ClientConnection
 
 from starlette_dream_ws import PublishError
+from starlette_dream_ws import celery as dream_ws_celery
 from tests.support.processes import POLL_INTERVAL, START_TIMEOUT, clean_env, stop_process
 from tests.support.processes import spawn as spawn_process
 from tests.support.redis import RedisServer
@@ -66,6 +71,8 @@ class CeleryWorker:
         self.args += ["--hostname", f"test-{uuid.uuid4().hex[:8]}@%h", "--without-mingle", "--without-gossip"]
         self.args += ["--without-heartbeat"]
         self.process: subprocess.Popen[bytes] | None = None
+        #: Ids of tasks meant to fail: Celery logs their error (and traceback) as it should.
+        self.expected_failures: set[str] = set()
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -116,7 +123,17 @@ class CeleryWorker:
         if "Warm shutdown" not in log:
             problems.append("no warm shutdown")
         bad = re.compile(r"Traceback|Exception ignored|destroyed but it is pending|(ERROR|CRITICAL|WARNING)/")
-        problems += [f"log: {line}" for line in log.splitlines() if bad.search(line)]
+        expected = re.compile(r"ERROR/ForkPoolWorker-\d+\] Task dreams\.\w+\[([0-9a-f-]+)\] raised unexpected: ")
+        after_expected = False
+        for line in log.splitlines():
+            failure = expected.search(line)
+            if failure is not None and failure[1] in self.expected_failures:
+                after_expected = True
+                continue
+            # The traceback of an expected failure follows its line.
+            if not (after_expected and line == "Traceback (most recent call last):") and bad.search(line):
+                problems.append(f"log: {line}")
+            after_expected = False
         return problems
 
 
@@ -193,24 +210,30 @@ def urls(dream_id: int, count: int) -> list[str]:
     return [f"https://cdn.example/dreams/{dream_id}/{n}.png" for n in range(1, count + 1)]
 
 
-def generated(dream_id: int, fail: bool = False) -> list[tuple[str, list[str], str]]:
-    """The updates of `generate_dream`: status, images, message."""
-    last = (
-        ("failed", urls(dream_id, 1), "The dream machine ran out of ideas")
-        if fail
-        else ("completed", urls(dream_id, 2), "2 images ready")
-    )
-    return [("processing", [], "Dreaming..."), ("processing", urls(dream_id, 1), "1 of 2 images"), last]
+#: An update as a test expects it: status, images, message, progress (None: no such field).
+Update = tuple[str, list[str], str | None, int | None]
 
 
-def deleted(dream_id: int, fail: bool = False) -> list[tuple[str, list[str], str]]:
+def generated(dream_id: int, fail: bool = False, count: int = 2) -> list[Update]:
+    """The updates of `generate_dream`: progress after each image but the last, then the outcome."""
+    steps: list[Update] = [("processing", [], "Dreaming...", None)]
+    steps += [("processing", urls(dream_id, n), f"{n} of {count} images", 100 * n // count) for n in range(1, count)]
+    if fail:  # the last image fails; the ones done stay
+        return [*steps, ("failed", urls(dream_id, count - 1), "The dream could not be generated", None)]
+    return [*steps, ("completed", urls(dream_id, count), None, None)]
+
+
+def deleted(dream_id: int, fail: bool = False, count: int = 2) -> list[Update]:
     """The updates of `delete_dream`."""
-    last = (
-        ("delete_failed", urls(dream_id, 2), "The images could not be deleted")
-        if fail
-        else ("delete_completed", [], "Images deleted")
-    )
-    return [("delete_processing", urls(dream_id, 2), "Deleting 2 images"), last]
+    steps: list[Update] = [("delete_processing", [], "Deleting images", None)]
+    steps += [("delete_processing", [], f"{n} of {count} images deleted", 100 * n // count) for n in range(1, count)]
+    if fail:
+        return [*steps, ("delete_failed", [], "The images could not be deleted", None)]
+    return [*steps, ("delete_completed", [], None, None)]
+
+
+#: What the tasks' own errors say: it must never reach a watcher.
+LEAKS = ("CUDA", "gpu-3", "s3://", "dreams-private", "DeleteObject", "RuntimeError", "PermissionError", "Traceback")
 
 
 # -- fixtures -----------------------------------------------------------------------------
@@ -259,11 +282,22 @@ def example(monkeypatch: pytest.MonkeyPatch, redis_urls: dict[str, str]) -> Iter
 # -- tests ----------------------------------------------------------------------------------
 
 
-def run_tasks(calls: Sequence[tuple[Any, int, dict[str, Any]]]) -> list[str]:
+def run_tasks(worker: CeleryWorker, calls: Sequence[tuple[Any, int, dict[str, Any], bool]]) -> list[Any]:
     """Enqueue every call at once, then wait for every result (in one thread: the Redis result
-    backend subscribes to a result in the thread that sends the task)."""
-    results = [task.apply_async(args=(dream_id,), kwargs=kwargs) for task, dream_id, kwargs in calls]
-    return [result.get(timeout=TASK_TIMEOUT) for result in results]
+    backend subscribes to a result in the thread that sends the task). A task meant to fail
+    gives its error, as the result backend brought it back."""
+    results = []
+    for task, dream_id, kwargs, fails in calls:
+        result = task.apply_async(args=(dream_id,), kwargs=kwargs)
+        if fails:
+            worker.expected_failures.add(result.id)
+        results.append(result)
+    outcomes = []
+    for result in results:
+        outcome = result.get(timeout=TASK_TIMEOUT, propagate=False)
+        assert result.state == ("FAILURE" if result.id in worker.expected_failures else "SUCCESS"), outcome
+        outcomes.append(outcome)
+    return outcomes
 
 
 async def receive(ws: ClientConnection, count: int) -> list[dict[str, Any]]:
@@ -278,12 +312,17 @@ async def test_a_prefork_worker_walks_every_dream_to_its_watchers_on_both_server
     make_token: TokenFactory,
 ) -> None:
     worker, server_a, server_b = stack
-    # Dreams 11 and 12 are generated then deleted (12's deletion fails), 13 fails, 14 is only
-    # generated; 15 is watched and never touched. Each batch runs at once on both pool processes.
+    # Dreams 11 and 12 are generated then deleted (12's deletion fails), 13 fails, 14 is generated
+    # in four images; 15 is watched and never touched. Each batch runs at once on both pool processes.
     batches = [
         (
             example.generate_dream,
-            {11: generated(11), 12: generated(12), 13: generated(13, fail=True), 14: generated(14)},
+            {
+                11: generated(11),
+                12: generated(12),
+                13: generated(13, fail=True),
+                14: generated(14, count=4),
+            },
         ),
         (example.delete_dream, {11: deleted(11), 12: deleted(12, fail=True)}),
     ]
@@ -312,17 +351,27 @@ async def test_a_prefork_worker_walks_every_dream_to_its_watchers_on_both_server
             connections: list[dict[int, set[int]]] = []
             for task, batch in batches:
                 # The walks expected to end in failed / delete_failed are asked to fail.
-                calls = [
-                    (task, dream_id, {"step_delay": STEP_DELAY, "fail": expected[-1][0].endswith("failed")})
-                    for dream_id, expected in batch.items()
-                ]
+                calls = []
+                for dream_id, expected in batch.items():
+                    fails = expected[-1][0].endswith("failed")
+                    # One update per image, and the first: count + 1 of them.
+                    kwargs = {"step_delay": STEP_DELAY, "fail": fails, "count": len(expected) - 1}
+                    calls.append((task, dream_id, kwargs, fails))
                 since = time.time()
                 outcomes, *received = await asyncio.gather(
-                    asyncio.to_thread(run_tasks, calls),
+                    asyncio.to_thread(run_tasks, worker, calls),
                     *(receive(ws, len(batch[dream_id])) for dream_id in batch for ws in watchers[dream_id]),
                 )
                 until = time.time()
-                assert outcomes == [expected[-1][0] for expected in batch.values()]
+                for outcome, expected in zip(outcomes, batch.values(), strict=True):
+                    status, images = expected[-1][:2]
+                    if status in ("failed", "delete_failed"):
+                        # The task failed with its own error, text and all: only the watchers never saw it.
+                        assert isinstance(outcome, RuntimeError | PermissionError), outcome
+                        assert "dreams-private" in str(outcome), outcome
+                    else:
+                        # The URLs the task returned are those of `completed` (none for a deletion).
+                        assert outcome == (images if status == "completed" else None), outcome
                 by_watcher = iter(received)
                 for dream_id, expected in batch.items():
                     on_a, on_b = next(by_watcher), next(by_watcher)
@@ -358,15 +407,21 @@ async def test_a_prefork_worker_walks_every_dream_to_its_watchers_on_both_server
 
 
 def check_updates(
-    received: list[dict[str, Any]], dream_id: int, expected: list[Any], since: float, until: float
+    received: list[dict[str, Any]], dream_id: int, expected: list[Update], since: float, until: float
 ) -> None:
     """Every stage of the dream, in order, with every field right; nothing of another dream."""
-    assert [(m["status"], m["images"], m["message"]) for m in received] == expected, (dream_id, received)
-    for message in received:
-        assert set(message) == {"type", "dream_id", "status", "images", "timestamp", "message", "seq", "epoch"}, message
+    assert [(m["status"], m["images"], m["message"], m.get("progress")) for m in received] == expected, (
+        dream_id,
+        received,
+    )
+    for message, (*_, progress) in zip(received, expected, strict=True):
+        fields = {"type", "dream_id", "status", "images", "timestamp", "message", "seq", "epoch"}
+        assert set(message) == (fields if progress is None else fields | {"progress"}), message
         assert message["type"] == "image_update" and message["dream_id"] == dream_id, message
         # Stamped by the worker when it published.
         assert since <= message["timestamp"] <= until, (message, since, until)
+        text = json.dumps(message)
+        assert not any(leak in text for leak in LEAKS), message
     stamps = [message["timestamp"] for message in received]
     assert stamps == sorted(stamps), received
 
@@ -378,36 +433,81 @@ def assert_final_state(answer: dict[str, Any], final: dict[str, Any] | None) -> 
         assert answer == final
 
 
-# -- the retry pattern, in this process (Celery runs retries at once under apply()) ----------
+# -- retries, in this process (Celery runs retries at once under apply()) ---------------------
 
 
-def test_a_failed_publish_retries_the_task_from_the_step_that_failed(
-    example: ModuleType, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    published: list[str] = []
+class Recorder:
+    """Stands in for the helper's `send_image_update`: records each call's status, then fails
+    the calls `fails` picks (by their 1-based number) with `PublishError`."""
 
-    def send_image_update(dream_id: int, urls: list[str], status: str, message: str, **_: object) -> None:
-        published.append(status)
-        if published == ["processing", "processing", "completed"]:
+    def __init__(self, fails: Callable[[int], bool]) -> None:
+        self.statuses: list[str] = []
+        self.fails = fails
+
+    def __call__(self, dream_id: int, image_urls: list[str], status: str, **_: object) -> None:
+        self.statuses.append(status)
+        if self.fails(len(self.statuses)):
             raise PublishError("Redis is away")
 
-    monkeypatch.setattr(example, "send_image_update", send_image_update)
+
+def test_a_lost_progress_update_retries_the_task_from_the_start(
+    example: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published = Recorder(fails=lambda call: call == 2)
+    monkeypatch.setattr(dream_ws_celery, "send_image_update", published)
+    result = example.generate_dream.apply(args=(7,), kwargs={"step_delay": 0, "count": 3})
+    assert result.get() == urls(7, 3)
+    # The retried run starts over, from processing: its images are rendered again.
+    assert published.statuses == ["processing", "processing", "processing", "processing", "processing", "completed"]
+
+
+def test_a_lost_completed_update_is_published_again_without_rendering_again(
+    example: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published = Recorder(fails=lambda call: call in (3, 4))
+    monkeypatch.setattr(dream_ws_celery, "send_image_update", published)
     result = example.generate_dream.apply(args=(7,), kwargs={"step_delay": 0})
-    assert result.get() == "completed"
-    # The work before the failed update is not done (nor reported) again.
-    assert published == ["processing", "processing", "completed", "completed"]
+    assert result.get() == urls(7, 2)
+    # processing, 50%, then completed three times (twice lost): the images were rendered once.
+    assert published.statuses == ["processing", "processing", "completed", "completed", "completed"]
 
 
 def test_an_update_that_never_gets_through_fails_the_task_after_bounded_retries(
     example: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    published: list[str] = []
-
-    def send_image_update(dream_id: int, urls: list[str], status: str, message: str, **_: object) -> None:
-        published.append(status)
-        raise PublishError("Redis is away")
-
-    monkeypatch.setattr(example, "send_image_update", send_image_update)
+    published = Recorder(fails=lambda call: True)
+    monkeypatch.setattr(dream_ws_celery, "send_image_update", published)
     result = example.delete_dream.apply(args=(7,), kwargs={"step_delay": 0})
     assert result.state == "FAILURE" and isinstance(result.result, PublishError), result.result
-    assert published == ["delete_processing"] * (example.PUBLISH_MAX_RETRIES + 1)
+    assert published.statuses == ["delete_processing"] * (example.PUBLISH_MAX_RETRIES + 1)
+
+
+def test_a_backend_that_is_away_fails_the_task_after_bounded_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with the real producer, against a port nothing listens on: connections refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        "DREAM_WS_BROADCAST_URL": f"redis://127.0.0.1:{port}/0",
+        "DREAM_WS_PUBLISH_RETRIES": "1",
+        "DREAM_WS_PUBLISH_BACKOFF": "0.01",
+        # No broker is reached: apply() runs the task and its retries here.
+        "CELERY_BROKER_URL": "memory://",
+        "CELERY_RESULT_BACKEND": "cache+memory://",
+    }
+    example = load_example(monkeypatch, env)
+    try:
+        attempts: list[str] = []
+        send = dream_ws_celery.send_image_update
+
+        def counting(dream_id: int, **kwargs: Any) -> None:
+            attempts.append(kwargs["status"])
+            send(dream_id, **kwargs)
+
+        monkeypatch.setattr(dream_ws_celery, "send_image_update", counting)
+        result = example.generate_dream.apply(args=(7,), kwargs={"step_delay": 0})
+        assert result.state == "FAILURE" and isinstance(result.result, PublishError), result.result
+        assert "after 2 attempts" in str(result.result)
+        assert attempts == ["processing"] * (example.PUBLISH_MAX_RETRIES + 1)
+    finally:
+        example.app.close()

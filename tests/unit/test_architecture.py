@@ -28,6 +28,22 @@ def test_a_producer_process_loads_no_server_code() -> None:
     assert loaded_after(imports) == ""
 
 
+def test_the_celery_helper_loads_no_server_code() -> None:
+    assert loaded_after("import starlette_dream_ws.celery") == ""
+
+
+def test_a_producer_process_loads_celery_only_when_it_imports_the_helper() -> None:
+    # The producers serve any process (threads, scripts, other task queues): Celery is an extra.
+    script = (
+        "import sys\n"
+        "from starlette_dream_ws import send_image_update, publish, PublishError, Settings\n"
+        "print(','.join(sorted(m for m in sys.modules if m == 'celery' or m.startswith(('celery.', 'kombu')))))\n"
+        "print('starlette_dream_ws.celery' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    assert result.stdout.split("\n")[:2] == ["", "False"]
+
+
 def test_the_protocol_and_groups_areas_import_no_server_code() -> None:
     imports = "import starlette_dream_ws.protocol, starlette_dream_ws.groups.shared, starlette_dream_ws.groups.backends"
     assert loaded_after(imports) == ""
