@@ -113,7 +113,11 @@ class Connection:
         return self.close_reason is None and self.state <= _OPEN
 
     def offered_subprotocols(self) -> list[str]:
-        return [str(p).strip() for p in self.scope.get("subprotocols") or []]
+        # ASGI gives one entry per subprotocol, but some servers pass the header's comma-separated
+        # list as one entry (uvicorn 0.35's websockets-sansio, Granian before 2.7.5): split it, or
+        # a token sent as a subprotocol is not found. A subprotocol never holds a comma.
+        offered = self.scope.get("subprotocols") or []
+        return [part.strip() for entry in offered for part in str(entry).split(",") if part.strip()]
 
     async def accept(self, subprotocol: str | None = None) -> None:
         if self.state is not ConnectionState.CONNECTING:
@@ -208,6 +212,15 @@ class Connection:
             await self._send({"type": "websocket.close", "code": code, "reason": reason})
         except Exception as exc:
             logger.debug("close failed: %s", type(exc).__name__)
+            if code != CloseCodes.NORMAL:
+                # Daphne (through autobahn) refuses every code but 1000 and 3000-4999, and then
+                # leaves the connection open after the app has ended: the client would wait for
+                # ever. A normal close ends it; the `error` sent before it says why. `close_code`
+                # keeps the reason the app closed for. Where the client is gone, this fails too.
+                try:
+                    await self._send({"type": "websocket.close", "code": CloseCodes.NORMAL, "reason": reason})
+                except Exception as retry:
+                    logger.debug("close failed: %s", type(retry).__name__)
 
     async def close_with(self, reason: CloseConnection) -> None:
         """Send `reason`'s error (accepting first, so that browsers see the code) and close."""

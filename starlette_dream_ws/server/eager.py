@@ -2,16 +2,22 @@
 
 A fan-out to a thousand connections would otherwise create a thousand tasks per message,
 although nearly every send completes without waiting (the socket takes it). Python 3.12 has
-this built in (`asyncio.eager_task_factory`); 3.11 does not, so this is the same idea for the
-only case we need: run the coroutine until it first waits, and only then hand the rest of it
-to a task that waits for what it was waiting for and resumes it.
+a form of this built in (`asyncio.eager_task_factory`), but it still makes a task for every
+call, and 3.11 is supported; so this is the same idea for the only case we need: run the
+coroutine until it first waits, and only then hand the rest of it to a task.
+
+What the coroutine yields when it waits is the event loop's business, not ours: an asyncio
+future, a bare `None`, or a server's own future-like object (Granian's `send` yields a Rust
+future that only mimics asyncio's). So the task is handed exactly what the coroutine yielded,
+as if it had driven the coroutine from the start, and passes back whatever it sends or throws.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Coroutine
+import types
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 
@@ -33,16 +39,22 @@ def start_eagerly(coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None] | 
     return task
 
 
+@types.coroutine
+def _hand_over(yielded: Any) -> Generator[Any, Any, Any]:
+    """Yield `yielded` to the task unchanged and return what the task sends back.
+
+    Awaiting the object a second time instead is not the same for every future: asyncio's arms
+    itself for the task on each `await`, Granian's only once, when it is made. Awaited again,
+    Granian's reached the task unarmed, and the task threw "yield was used instead of yield
+    from" into the send, which took it for a client gone away and stopped sending."""
+    return (yield yielded)
+
+
 async def _resume(coroutine: Coroutine[Any, Any, None], waiting_for: Any) -> None:
+    """The rest of `coroutine`, driven as `await` would drive it, from its first wait on."""
     while True:
         try:
-            if waiting_for is None:  # a bare yield, as `asyncio.sleep(0)` makes
-                await asyncio.sleep(0)
-            else:
-                # Take the future as a task takes what its coroutine yields: clear the flag the
-                # coroutine's `await` set (a future refuses a second await while it is set).
-                waiting_for._asyncio_future_blocking = False
-                await waiting_for
+            sent = await _hand_over(waiting_for)
         except BaseException as exc:  # its failure, or this task's cancellation: the coroutine's now
             try:
                 waiting_for = coroutine.throw(exc)
@@ -50,6 +62,6 @@ async def _resume(coroutine: Coroutine[Any, Any, None], waiting_for: Any) -> Non
                 return
             continue
         try:
-            waiting_for = coroutine.send(None)
+            waiting_for = coroutine.send(sent)
         except StopIteration:
             return

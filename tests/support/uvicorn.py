@@ -48,7 +48,11 @@ class UvicornServer(ServerProcess):
     `mount` is where the dream app sits in APP (`/ws` for a mounted one): `ws_url()` and
     `health()` prefix their paths with it. `options` are more uvicorn options, after the host,
     port and `--log-level`; `cwd` is the process's working directory (default: this one's).
+    Other ASGI servers subclass it (`servers.py`): `name` and `command()` are what differ.
     """
+
+    #: The server in file names and errors.
+    name = "uvicorn"
 
     def __init__(
         self,
@@ -72,7 +76,7 @@ class UvicornServer(ServerProcess):
         self.ready_when = ready_when
         self.cwd = cwd
         self.port = free_port()
-        super().__init__(workdir, prefix="dream-ws-uvicorn-", log_name="uvicorn.log")
+        super().__init__(workdir, prefix=f"dream-ws-{self.name}-", log_name=f"{self.name}.log")
 
     @property
     def base_url(self) -> str:
@@ -85,9 +89,12 @@ class UvicornServer(ServerProcess):
         """Start the process without waiting; `wait_ready()` waits (start several at once)."""
         if self.running:
             return
+        self._process = spawn_process(self.command(), env=self.env, log=self.log_path, cwd=self.cwd)
+
+    def command(self) -> list[str]:
+        """The server's command line."""
         args = [sys.executable, "-m", "uvicorn", self.app, "--app-dir", str(self.app_dir)]
-        args += ["--host", HOST, "--port", str(self.port), "--log-level", self.log_level, *self.options]
-        self._process = spawn_process(args, env=self.env, log=self.log_path, cwd=self.cwd)
+        return [*args, "--host", HOST, "--port", str(self.port), "--log-level", self.log_level, *self.options]
 
     def is_ready(self) -> bool:
         """Whether it is up, by `ready_when`."""
@@ -102,12 +109,12 @@ class UvicornServer(ServerProcess):
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"uvicorn exited with {process.returncode}:\n{self.log_text()}")
+                raise RuntimeError(f"{self.name} exited with {process.returncode}:\n{self.log_text()}")
             if self.is_ready():
                 return
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"uvicorn was not ready within {timeout}s:\n{self.log_text()}")
+                raise RuntimeError(f"{self.name} was not ready within {timeout}s:\n{self.log_text()}")
             time.sleep(POLL_INTERVAL)
 
     def start(self, timeout: float = START_TIMEOUT) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import Callable, Generator
+from typing import Any, cast
 
 import pytest
 
@@ -39,6 +41,121 @@ async def test_a_coroutine_that_waits_is_finished_by_a_task_with_what_it_waited_
     future.set_result(42)
     await task
     assert steps == ["before", 42, "after"]
+
+
+class ForeignFuture:
+    """A future that is not asyncio's, as Granian's `send` returns (a Rust future): its own
+    iterator, marked as blocking once when made rather than by each `await` of it, reporting
+    its end through done callbacks. The event loop's tasks accept it as a future."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        # What makes a task wait for it (`asyncio.isfuture`'s protocol); set here only, never
+        # again by `__next__`, exactly as Granian does.
+        self._asyncio_future_blocking = True
+        self._callbacks: list[tuple[Callable[[Any], object], contextvars.Context | None]] = []
+        self._state = "pending"
+        self._result: object = None
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        # Its own iterator, not a generator (no `send`): what `await` needs is `__next__`.
+        return cast("Generator[Any, Any, Any]", self)
+
+    def __iter__(self) -> ForeignFuture:
+        return self
+
+    def __next__(self) -> ForeignFuture:
+        if self._state == "done":
+            raise StopIteration(self._result)
+        if self._state == "cancelled":
+            raise asyncio.CancelledError
+        return self
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def add_done_callback(
+        self, callback: Callable[[Any], object], *, context: contextvars.Context | None = None
+    ) -> None:
+        if self._state == "pending":
+            self._callbacks.append((callback, context))
+        else:
+            self._loop.call_soon(callback, self, context=context)
+
+    def remove_done_callback(self, callback: Callable[[Any], object]) -> int:
+        self._callbacks = [(cb, ctx) for cb, ctx in self._callbacks if cb != callback]
+        return 1
+
+    def done(self) -> bool:
+        return self._state != "pending"
+
+    def cancelled(self) -> bool:
+        return self._state == "cancelled"
+
+    def result(self) -> object:
+        if self._state == "cancelled":
+            raise asyncio.CancelledError
+        return self._result
+
+    def exception(self) -> BaseException | None:
+        return None
+
+    def set_result(self, value: object) -> None:
+        self._result = value
+        self._finish("done")
+
+    def cancel(self, msg: object = None) -> bool:
+        if self._state != "pending":
+            return False
+        self._finish("cancelled")
+        return True
+
+    def _finish(self, state: str) -> None:
+        self._state = state
+        for callback, context in self._callbacks:
+            self._loop.call_soon(callback, self, context=context)
+        self._callbacks.clear()
+
+
+async def test_a_future_of_another_implementation_is_waited_for_as_a_task_would() -> None:
+    future = ForeignFuture()
+    steps: list[object] = []
+
+    async def waits() -> None:
+        steps.append(await future)
+        steps.append(await asyncio.sleep(0, "bare yield"))  # and a bare yield after it
+
+    task = start_eagerly(waits())
+    assert task is not None
+    # Still pending when the task first steps (the send of a client that is slow to read): the
+    # task must be handed the future as the coroutine yielded it, and wait for it.
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert steps == [] and not task.done()
+    future.set_result("sent")
+    await asyncio.wait_for(task, 1)
+    assert steps == ["sent", "bare yield"]
+
+
+async def test_cancelling_the_task_cancels_a_future_of_another_implementation() -> None:
+    future = ForeignFuture()
+    cleaned: list[str] = []
+
+    async def waits() -> None:
+        try:
+            await future
+        except asyncio.CancelledError:
+            cleaned.append("cancelled")
+            raise
+
+    task = start_eagerly(waits())
+    assert task is not None
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 1)
+    assert future.cancelled()  # the send is withdrawn, as a task running the coroutine would do
+    assert cleaned == ["cancelled"]
 
 
 async def test_a_failure_of_what_it_waits_for_is_raised_where_it_waits() -> None:

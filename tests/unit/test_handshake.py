@@ -6,6 +6,7 @@ import base64
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import jwt
@@ -151,3 +152,16 @@ async def test_dream_id_zero_is_refused(make_app: MakeApp) -> None:
         code, messages = await ws.expect_close()
     assert code == 1008
     assert messages[0]["code"] == "invalid_dream_id"
+
+
+def test_a_subprotocol_header_given_as_one_entry_is_split() -> None:
+    # Some servers pass `Sec-WebSocket-Protocol` as one comma-separated entry instead of a list.
+    from starlette_dream_ws.server.connection import Connection
+    from starlette_dream_ws.server.metrics import ConnectionMetrics
+
+    async def nothing(*_: object) -> Any:
+        raise AssertionError("not used")
+
+    scope = {"type": "websocket", "subprotocols": ["dream-ws.v1, dream-ws.bearer.abc.def", " other "]}
+    connection = Connection(scope, nothing, nothing, ConnectionMetrics())
+    assert connection.offered_subprotocols() == ["dream-ws.v1", "dream-ws.bearer.abc.def", "other"]
