@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from tests.support.processes import workdir
+from tests.support.servers import ServerKind, asgi_server
 from tests.support.tokens import mint_token
 from tests.support.uvicorn import UvicornServer, server_env, serving
 
@@ -156,3 +157,49 @@ async def test_no_token_reaches_the_log(case: Case, server: UvicornServer) -> No
     lowered = log.lower()
     missing = [line for line in expected_lines(case) if line not in lowered]
     assert not missing, f"not logged (so not checked): {missing}"
+
+
+#: The other servers at their most verbose: what each logs of a handshake must hold no token.
+OTHER_SERVERS: dict[ServerKind, tuple[str, ...]] = {
+    "hypercorn": ("--access-logfile", "-"),
+    "granian": ("--access-log",),
+    "daphne": ("-v", "3"),  # Daphne has no --log-level: verbosity 3 is its debug output
+}
+
+
+@pytest.mark.parametrize("kind", list(OTHER_SERVERS))
+async def test_no_token_reaches_the_debug_log_of_the_other_servers(
+    kind: ServerKind, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    server = asgi_server(
+        kind,
+        server_env("memory://"),
+        "served_app:mounted",
+        mount="/ws",
+        workdir=workdir(tmp_path_factory, f"log-redaction-{kind}"),
+        options=OTHER_SERVERS[kind],
+        log_level="debug",
+    )
+    tokens: dict[str, str] = {}
+    # Started and stopped by hand: Daphne's own shutdown may log a traceback of its own
+    # (`kill_all_applications`), which `serving` would count against the app.
+    server.start()
+    try:
+        for transport in TRANSPORTS:
+            tokens[transport] = mint_token(f"u{DREAM}")
+            renewal = None
+            if transport == "header":
+                renewal = tokens["refresh_token"] = mint_token(f"u{DREAM}")
+            await greeted_over_websocket(server, tokens[transport], transport, renewal)
+        for transport in ("query", "header"):
+            tokens[f"event stream, {transport}"] = token = mint_token(f"u{DREAM}")
+            await greeted_over_event_stream(server, token, transport)
+    finally:
+        server.stop()
+        server.close()
+    log = server.log_text()
+    leaks = leaking_lines(log, tokens.values())
+    assert not leaks, f"tokens in the debug log of {kind}:\n" + "\n".join(leaks)
+    # The requests were logged (else the check proves nothing); these servers log paths
+    # without their query strings, and no header at any level.
+    assert "/ws/dreams/1/events" in log and log.count("/ws/dreams/1") >= 5, log[-3000:]

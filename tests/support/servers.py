@@ -146,7 +146,8 @@ def asgi_server(
     mount: str = "",
     workdir: Path | None = None,
     options: Sequence[str] = (),
+    log_level: str = "info",
 ) -> UvicornServer:
     """A server of `kind` serving `app` (from `tests/integration`) with `env`, not started yet."""
     cls, fixed = _SERVERS[kind]
-    return cls(env, app, mount=mount, workdir=workdir, options=[*fixed, *options])
+    return cls(env, app, mount=mount, workdir=workdir, options=[*fixed, *options], log_level=log_level)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 #: Schemes with a backend that is tested here against a real server, reconnects after a lost
 #: connection and catches up on what it missed (memory is one process: nothing to lose).
-SCHEMES = ("memory", "redis", "rediss", "postgres", "postgresql")
+SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "rediss+cluster", "postgres", "postgresql")
 #: broadcaster's other schemes, and why they are refused rather than half-working.
 REFUSED_SCHEMES = {
     "redis-stream": (
@@ -57,6 +57,10 @@ def create_backend(url: str, *, ttl: float = 86400.0, history_size: int = 100) -
         from .redis import RedisBackend
 
         return RedisBackend(url, ttl=ttl, history_size=history_size)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        from .redis_cluster import RedisClusterBackend
+
+        return RedisClusterBackend(url, ttl=ttl, history_size=history_size)
     if scheme in ("postgres", "postgresql"):
         from .postgres import PostgresBackend
 

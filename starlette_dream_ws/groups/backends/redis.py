@@ -48,21 +48,33 @@ if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 """
-# Give the message the group's next position, append it to the capped, expiring stream (whose
-# entry id is "<seq>-0"), and publish "<epoch>:<seq> <message>". ARGV: a new epoch (used only
-# if the group has none), ttl ms, stream length, channel, message.
-_PUBLISH = (
-    _ENSURE_EPOCH
-    + """
+
+
+def publish_script(command: str) -> str:
+    """The publish script, delivering with `command`: PUBLISH here, SPUBLISH on a cluster
+    (`redis_cluster.py`, sharded pub/sub), so that both backends keep positions the same way.
+
+    Give the message the group's next position, append it to the capped, expiring stream (whose
+    entry id is "<seq>-0"), and publish "<epoch>:<seq> <message>". ARGV: a new epoch (used only
+    if the group has none), ttl ms, stream length, channel, message.
+    """
+    return (
+        _ENSURE_EPOCH
+        + """
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'm', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-redis.call('PUBLISH', ARGV[4], epoch .. ':' .. seq .. ' ' .. ARGV[5])
+redis.call('"""
+        + command
+        + """', ARGV[4], epoch .. ':' .. seq .. ' ' .. ARGV[5])
 return {epoch, seq}
 """
-)
+    )
+
+
+_PUBLISH = publish_script("PUBLISH")
 # The group's current position, starting an epoch if it has none. ARGV: a new epoch, ttl ms.
 _POSITION = (
     _ENSURE_EPOCH
