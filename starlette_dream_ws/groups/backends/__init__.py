@@ -76,6 +76,10 @@ def create_blocking_publisher(settings: Settings) -> BlockingPublisher | None:
         from .redis_blocking import BlockingRedisPublisher
 
         return BlockingRedisPublisher(settings)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        from .redis_cluster_blocking import BlockingRedisClusterPublisher
+
+        return BlockingRedisClusterPublisher(settings)
     if scheme in ("postgres", "postgresql"):
         try:
             from .postgres_blocking import BlockingPostgresPublisher
