@@ -194,10 +194,18 @@ def _blocking_publisher(settings: Settings) -> BlockingPublisher | None:
     made on first use and again in a forked child."""
     key = (settings.broadcast_url, settings.state_ttl, settings.history_size, settings.publish_timeout)
     publisher = _blocking_publishers.get(key, _UNKNOWN)
-    if publisher is _UNKNOWN or (publisher is not None and publisher.pid != os.getpid()):
+    if _stale(publisher):
         with _lock:
-            publisher = _blocking_publishers[key] = create_blocking_publisher(settings)
+            # Looked at again under the lock: threads that start together make one publisher.
+            publisher = _blocking_publishers.get(key, _UNKNOWN)
+            if _stale(publisher):
+                publisher = _blocking_publishers[key] = create_blocking_publisher(settings)
     return cast("BlockingPublisher | None", publisher)
+
+
+def _stale(publisher: Any) -> bool:
+    """Not made yet, or made by the parent of this forked process."""
+    return publisher is _UNKNOWN or (publisher is not None and publisher.pid != os.getpid())
 
 
 _UNKNOWN: Any = object()

@@ -14,7 +14,8 @@ import redis
 from starlette_dream_ws import GroupLayer, Settings
 from starlette_dream_ws.groups import BackendConnectionLost
 from starlette_dream_ws.groups.backends import redis as redis_backend
-from starlette_dream_ws.groups.backends.redis import MAX_BATCH, RedisBackend
+from starlette_dream_ws.groups.backends.pipelining import MAX_BATCH
+from starlette_dream_ws.groups.backends.redis import RedisBackend
 from tests.support.redis import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]

@@ -9,8 +9,6 @@ statements go out together). Used when psycopg is installed (the `postgres` extr
 
 from __future__ import annotations
 
-import os
-import threading
 from typing import Any
 
 import psycopg
@@ -18,6 +16,7 @@ import psycopg
 from ...protocol import Position
 from ...settings import Settings
 from ..publishing import PublishMetrics
+from .per_thread import PerThread
 from .postgres import CONNECT_TIMEOUT, DEFAULT_TABLE, HistorySQL, check_publish
 
 
@@ -30,16 +29,14 @@ class BlockingPostgresPublisher:
         self._history_size = settings.history_size
         self._timeout_ms = max(1, int(settings.publish_timeout * 1000))
         self._sql = HistorySQL(DEFAULT_TABLE)
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: list[psycopg.Connection[Any]] = []
-        self.pid = os.getpid()
+        self._connections: PerThread[psycopg.Connection[Any]] = PerThread(self._connect, _close)
+        self.pid = self._connections.pid
         self.metrics = PublishMetrics()
 
     def publish(self, channel: str, text: str) -> Position:
         """One attempt in one transaction: the update's position, or the error (the caller retries)."""
         check_publish(channel, text)
-        connection = self._connection()
+        connection = self._connections.get()
         sql = self._sql
         try:
             with connection.pipeline(), connection.transaction():
@@ -54,40 +51,24 @@ class BlockingPostgresPublisher:
                     connection.execute(statement)
         except Exception:
             # A connection in an unknown state (a timeout mid-statement): the next attempt makes a new one.
-            self._drop(connection)
+            self._connections.drop(connection)
             raise
         return position
 
-    def _connection(self) -> psycopg.Connection[Any]:
-        connection: psycopg.Connection[Any] | None = getattr(self._local, "connection", None)
-        if connection is not None and not connection.closed:
-            return connection
+    def _connect(self) -> psycopg.Connection[Any]:
         # Raw cursors take the backend's `$n` statements as they are; the statement timeout
         # bounds one attempt as `publish_timeout` does on the other paths.
-        connection = psycopg.Connection.connect(
+        return psycopg.Connection.connect(
             self._url,
             cursor_factory=psycopg.RawCursor,
             connect_timeout=max(1, int(CONNECT_TIMEOUT)),
             options=f"-c statement_timeout={self._timeout_ms}",
         )
-        self._local.connection = connection
-        with self._lock:
-            self._connections.append(connection)
-        return connection
-
-    def _drop(self, connection: psycopg.Connection[Any]) -> None:
-        self._local.connection = None
-        with self._lock:
-            if connection in self._connections:
-                self._connections.remove(connection)
-        connection.close()
 
     def close(self) -> None:
         """Close the connections of every thread (in the process that made them)."""
-        with self._lock:
-            connections, self._connections = self._connections, []
-        self._local = threading.local()
-        if os.getpid() != self.pid:
-            return  # a forked child's copies: closing them would end the parent's sessions
-        for connection in connections:
-            connection.close()
+        self._connections.close_all()
+
+
+def _close(connection: psycopg.Connection[Any]) -> None:
+    connection.close()

@@ -13,16 +13,14 @@ and publishes `<epoch>:<seq> <message>`. After a reconnect the layer reads the s
 last position it delivered (`history`), and the newest entry is the group's latest state.
 A Redis restarted empty has no position hash: the next publish starts a new epoch.
 
-Publishes are pipelined: while one batch is on its way to Redis, the next ones wait and go
-together in one round trip, so a burst of updates (a busy async producer, many endpoints)
-costs one write and one read per batch rather than per update. A lone publish goes at once.
+Publishes are pipelined (`pipelining.PublishQueue`): a burst of updates costs one round trip
+per batch rather than per update.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,8 +30,9 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from ...protocol import Position, new_epoch
-from ...tasks import cancel_and_wait
 from ..contract import BackendConnectionLost, History, Published, split_position
+from .pipelining import PublishQueue
+from .pipelining import fail as _fail
 
 #: Seconds to wait for Redis to confirm a SUBSCRIBE or UNSUBSCRIBE.
 CONFIRM_TIMEOUT = 5.0
@@ -84,8 +83,6 @@ return {redis.call('HGET', KEYS[1], 'epoch'), tonumber(redis.call('HGET', KEYS[1
 )
 _SCRIPTS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_PUBLISH, _POSITION)}
 _PUBLISH_SHA = _SCRIPTS[_PUBLISH]
-#: Most publishes sent in one pipeline.
-MAX_BATCH = 256
 
 
 def keys(channel: str) -> tuple[str, str]:
@@ -117,11 +114,7 @@ class RedisBackend:
         self._client: aioredis.Redis | None = None
         self._pubsub: Any = None
         self._pending: dict[tuple[str, str], asyncio.Future[None]] = {}
-        # Publishes waiting for the writer; each has a caller awaiting it, so this holds at
-        # most as many entries as there are publishes in flight.
-        self._outbox: deque[tuple[str, str, asyncio.Future[Position]]] = deque()
-        self._outbox_ready = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
+        self._queue = PublishQueue(self._send, name="dream-ws redis publisher")
 
     async def connect(self) -> None:
         # No silent retries inside redis-py: the layer owns reconnecting, with its own backoff.
@@ -129,17 +122,14 @@ class RedisBackend:
         self._pubsub = self._client.pubsub()
         await self._pubsub.connect()
         await self._client.ping()
-        self._writer = asyncio.get_running_loop().create_task(self._write(), name="dream-ws redis publisher")
+        self._queue.start()
 
     async def disconnect(self) -> None:
-        writer, self._writer = self._writer, None
-        await cancel_and_wait(writer)
         lost = BackendConnectionLost("backend disconnected")
+        await self._queue.stop(lost)
         for future in self._pending.values():
             _fail(future, lost)
         self._pending.clear()
-        while self._outbox:
-            _fail(self._outbox.popleft()[2], lost)
         if self._pubsub is not None:
             await self._pubsub.aclose()
         if self._client is not None:
@@ -170,37 +160,7 @@ class RedisBackend:
                 self._pending.pop((kind, channel), None)
 
     async def publish(self, channel: str, text: str) -> Position:
-        if self._writer is None or self._writer.done():
-            raise BackendConnectionLost("not connected")
-        future: asyncio.Future[Position] = asyncio.get_running_loop().create_future()
-        self._outbox.append((channel, text, future))
-        self._outbox_ready.set()
-        # A caller that gives up (its timeout) cancels the future: the writer skips it if it
-        # has not been sent yet; if it has, it may still be published (at least once).
-        return await future
-
-    async def _write(self) -> None:
-        """Send what waits in the outbox, a pipeline at a time, until cancelled."""
-        try:
-            while True:
-                await self._outbox_ready.wait()
-                self._outbox_ready.clear()
-                while self._outbox:
-                    batch: list[tuple[str, str, asyncio.Future[Position]]] = []
-                    while self._outbox and len(batch) < MAX_BATCH:
-                        entry = self._outbox.popleft()
-                        if not entry[2].done():
-                            batch.append(entry)
-                    if batch:
-                        await self._send(batch)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            # Not a Redis error (those fail their batch): fail everything waiting, so that no
-            # caller waits for a writer that is gone.
-            while self._outbox:
-                _fail(self._outbox.popleft()[2], exc)
-            raise
+        return await self._queue.publish(channel, text)
 
     async def _send(self, batch: list[tuple[str, str, asyncio.Future[Position]]]) -> None:
         calls = [(_PUBLISH, channel, (self._ttl_ms, self._history_size, channel, text)) for channel, text, _ in batch]
@@ -304,11 +264,6 @@ def _published(channel: str, epoch: str, entry: Any) -> Published:
     entry_id, fields = entry
     seq = int(_text(entry_id).partition("-")[0])
     return Published(channel, _text(fields[b"m"]), Position(epoch, seq))
-
-
-def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
 
 
 def _text(value: Any) -> str:

@@ -5,14 +5,10 @@ background thread and back for every update, which costs a Celery worker several
 of the Redis call itself. This runs the very same script (`redis._PUBLISH`: the group's next
 position, the capped stream, the PUBLISH) on a sync client of the calling thread, so an update
 costs about one round trip. Each thread has its own connection (no lock shared between a
-worker's threads), made again in a forked child (Celery's prefork pool).
+worker's threads, `per_thread.PerThread`).
 """
 
 from __future__ import annotations
-
-import os
-import threading
-from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -22,6 +18,7 @@ from redis.retry import Retry
 from ...protocol import Position, new_epoch
 from ...settings import Settings
 from ..publishing import PublishMetrics
+from .per_thread import PerThread
 from .redis import _PUBLISH, _PUBLISH_SHA, keys
 
 
@@ -33,16 +30,13 @@ class BlockingRedisPublisher:
         self._ttl_ms = max(1, int(settings.state_ttl * 1000))
         self._history_size = settings.history_size
         self._timeout = settings.publish_timeout
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        #: Every client made in this process, to close them all (threads may be gone by then).
-        self._clients: list[redis.Redis] = []
-        self.pid = os.getpid()
+        self._clients: PerThread[redis.Redis] = PerThread(self._connect, lambda client: client.close())
+        self.pid = self._clients.pid
         self.metrics = PublishMetrics()
 
     def publish(self, channel: str, text: str) -> Position:
         """One attempt: the update's position, or the Redis error (the caller retries)."""
-        client = self._client()
+        client = self._clients.get()
         position_key, stream = keys(channel)
         args = (position_key, stream, new_epoch(), self._ttl_ms, self._history_size, channel, text)
         try:
@@ -54,17 +48,14 @@ class BlockingRedisPublisher:
                 reply = client.evalsha(_PUBLISH_SHA, 2, *args)
         except Exception:
             # The connection may be half-used (a timeout mid-reply): the next attempt makes a new one.
-            self._drop(client)
+            self._clients.drop(client)
             raise
         epoch, seq = reply
         return Position(epoch.decode() if isinstance(epoch, bytes) else str(epoch), int(seq))
 
-    def _client(self) -> redis.Redis:
-        client: redis.Redis | None = getattr(self._local, "client", None)
-        if client is not None:
-            return client
+    def _connect(self) -> redis.Redis:
         # No retries inside redis-py: the producer's own policy (backoff, PublishError) decides.
-        client = redis.Redis.from_url(
+        return redis.Redis.from_url(
             self._url,
             single_connection_client=True,
             socket_timeout=self._timeout,
@@ -72,24 +63,7 @@ class BlockingRedisPublisher:
             socket_keepalive=True,
             retry=Retry(NoBackoff(), 0),
         )
-        self._local.client = client
-        with self._lock:
-            self._clients.append(client)
-        return client
-
-    def _drop(self, client: Any) -> None:
-        self._local.client = None
-        with self._lock:
-            if client in self._clients:
-                self._clients.remove(client)
-        client.close()
 
     def close(self) -> None:
         """Close the connections of every thread (in the process that made them)."""
-        with self._lock:
-            clients, self._clients = self._clients, []
-        self._local = threading.local()
-        if os.getpid() != self.pid:
-            return  # a forked child's copies: closing them is the parent's business
-        for client in clients:
-            client.close()
+        self._clients.close_all()

@@ -44,7 +44,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -61,12 +61,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ...protocol import Position, new_epoch
 from ...tasks import cancel_and_wait
 from ..contract import BackendConnectionLost, History, Published, split_position
+from .pipelining import PublishQueue
+from .pipelining import fail as _fail
 from .redis import (
     _POSITION,
     CONFIRM_TIMEOUT,
     KEY_PREFIX,
-    MAX_BATCH,
-    _fail,
     _position,
     _published,
     _text,
@@ -194,11 +194,7 @@ class RedisClusterBackend:
         self._inbox: asyncio.Queue[Published | BaseException] = asyncio.Queue(MAX_INBOX)
         #: Set once a shard's subscriptions are no longer sure: this backend is done for.
         self._lost: BaseException | None = None
-        # Publishes waiting for the writer; each has a caller awaiting it, so this holds at
-        # most as many entries as there are publishes in flight.
-        self._outbox: deque[tuple[str, str, asyncio.Future[Position]]] = deque()
-        self._outbox_ready = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
+        self._queue = PublishQueue(self._send, name="dream-ws redis cluster publisher")
         self._stale = False
         self._refreshing = asyncio.Lock()
 
@@ -225,19 +221,16 @@ class RedisClusterBackend:
             )
             await shard.connection.connect()
             shard.reader = loop.create_task(self._read(shard), name=f"dream-ws redis cluster shard {node.name}")
-        self._writer = loop.create_task(self._write(), name="dream-ws redis cluster publisher")
+        self._queue.start()
 
     async def disconnect(self) -> None:
-        writer, self._writer = self._writer, None
-        await cancel_and_wait(writer)
         lost = BackendConnectionLost("backend disconnected")
+        await self._queue.stop(lost)
         if self._lost is None:
             self._lost = lost
         for future in self._pending.values():
             _fail(future, lost)
         self._pending.clear()
-        while self._outbox:
-            _fail(self._outbox.popleft()[2], lost)
         shards, self._shards = list(self._shards.values()), {}
         for shard in shards:
             await shard.close()
@@ -335,37 +328,7 @@ class RedisClusterBackend:
     # -- publishing -------------------------------------------------------------------------
 
     async def publish(self, channel: str, text: str) -> Position:
-        if self._writer is None or self._writer.done():
-            raise BackendConnectionLost("not connected")
-        future: asyncio.Future[Position] = asyncio.get_running_loop().create_future()
-        self._outbox.append((channel, text, future))
-        self._outbox_ready.set()
-        # A caller that gives up (its timeout) cancels the future: the writer skips it if it
-        # has not been sent yet; if it has, it may still be published (at least once).
-        return await future
-
-    async def _write(self) -> None:
-        """Send what waits in the outbox, a batch at a time (one pipeline per shard), until cancelled."""
-        try:
-            while True:
-                await self._outbox_ready.wait()
-                self._outbox_ready.clear()
-                while self._outbox:
-                    batch: list[tuple[str, str, asyncio.Future[Position]]] = []
-                    while self._outbox and len(batch) < MAX_BATCH:
-                        entry = self._outbox.popleft()
-                        if not entry[2].done():
-                            batch.append(entry)
-                    if batch:
-                        await self._send(batch)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            # Not a Redis error (those fail their batch): fail everything waiting, so that no
-            # caller waits for a writer that is gone.
-            while self._outbox:
-                _fail(self._outbox.popleft()[2], exc)
-            raise
+        return await self._queue.publish(channel, text)
 
     async def _send(self, batch: list[tuple[str, str, asyncio.Future[Position]]]) -> None:
         try:
