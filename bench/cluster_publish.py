@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from starlette_dream_ws import Settings, asend_image_update, send_image_update  # noqa: E402
 from starlette_dream_ws.groups.backends import create_backend  # noqa: E402
-from starlette_dream_ws.groups.backends.redis_cluster import pubsub_channel  # noqa: E402
+from starlette_dream_ws.groups.backends.redis_cluster_nodes import pubsub_channel  # noqa: E402
 from starlette_dream_ws.groups.subscriptions import MAX_BATCH  # noqa: E402
 from starlette_dream_ws.producers import aclose_producers, close_producers  # noqa: E402
 from starlette_dream_ws.protocol import dream_group  # noqa: E402

@@ -17,7 +17,7 @@ import pytest
 from redis.crc import key_slot
 from websockets.asyncio.client import ClientConnection
 
-from starlette_dream_ws.groups.backends.redis_cluster import pubsub_channel
+from starlette_dream_ws.groups.backends.redis_cluster_nodes import pubsub_channel
 from starlette_dream_ws.protocol import dream_group
 from tests.support.processes import clean_env, workdir
 from tests.support.producers import ProducerProcess, producer_call, run_producer

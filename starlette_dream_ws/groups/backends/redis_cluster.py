@@ -41,24 +41,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from redis import asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, SlotNotCoveredError, TryAgainError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ...protocol import Position, new_epoch
+from ...protocol import Position
 from ...tasks import cancel_and_wait
 from ..contract import BackendConnectionLost, History, Published, split_position
 from .pipelining import PublishQueue
@@ -66,84 +58,26 @@ from .pipelining import fail as _fail
 from .redis import (
     _POSITION,
     CONFIRM_TIMEOUT,
-    KEY_PREFIX,
     _position,
     _published,
     _text,
     keys,
-    publish_script,
-    redis_client,
+)
+from .redis_cluster_nodes import (
+    _SPUBLISH,
+    PUBSUB_PREFIX,
+    TOPOLOGY_ERRORS,
+    ClusterNodes,
+    ClusterURL,
+    pubsub_channel,
 )
 
 logger = logging.getLogger("starlette_dream_ws.layer")
 
-SCHEMES = ("redis+cluster", "rediss+cluster")
-_SPUBLISH = publish_script("SPUBLISH")
-_SCRIPTS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_SPUBLISH, _POSITION)}
-#: Milliseconds a pipeline of publishes waits for the shard's replica to confirm it (WAIT).
-REPLICA_WAIT_MS = 500
 #: Messages read from the shards and not yet taken by `next_published`, at most: past it the
 #: shard readers stop reading, their sockets fill, and Redis drops a subscriber that stays behind
 #: (its output buffer limit), which is then a lost connection like any other.
 MAX_INBOX = 4096
-#: Errors that say the topology changed: the next operation reads it again first.
-_TOPOLOGY_ERRORS = (
-    MovedError,
-    AskError,
-    ClusterDownError,
-    TryAgainError,
-    RedisConnectionError,
-    RedisTimeoutError,
-    OSError,
-    TimeoutError,
-)
-
-
-def pubsub_channel(channel: str) -> str:
-    """The sharded channel of a group: its keys' hash tag, hence their slot."""
-    return f"{KEY_PREFIX}{{{channel}}}"
-
-
-_PUBSUB_PREFIX = pubsub_channel("")[:-1]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ClusterURL:
-    """A `redis+cluster://` URL: its seed nodes, and a `redis://` URL for each node."""
-
-    nodes: tuple[tuple[str, int], ...]
-    tls: bool
-    userinfo: str
-    query: str
-    replica_wait_ms: int
-
-    @classmethod
-    def parse(cls, url: str) -> ClusterURL:
-        parts = urlsplit(url)
-        if parts.scheme not in SCHEMES:
-            raise ValueError(f"a Redis Cluster URL starts with one of {SCHEMES}")
-        userinfo, _, hosts = parts.netloc.rpartition("@")
-        nodes = []
-        for entry in hosts.split(","):
-            host, sep, port = entry.strip().rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ValueError(f"each node of a Redis Cluster URL is host:port, got {entry!r}")
-            nodes.append((host.strip("[]"), int(port)))
-        if parts.path not in ("", "/", "/0"):
-            raise ValueError("a Redis Cluster has only database 0")
-        options = parse_qsl(parts.query)
-        wait = [int(value) for name, value in options if name == "replica_wait_ms"]
-        query = urlencode([(name, value) for name, value in options if name != "replica_wait_ms"])
-        return cls(
-            tuple(nodes), parts.scheme == "rediss+cluster", userinfo, query, wait[-1] if wait else REPLICA_WAIT_MS
-        )
-
-    def node_url(self, host: str, port: int) -> str:
-        """A plain `redis://` (or `rediss://`) URL of one node, with the credentials and options."""
-        scheme = "rediss" if self.tls else "redis"
-        auth = f"{self.userinfo}@" if self.userinfo else ""
-        address = f"[{host}]" if ":" in host else host
-        return f"{scheme}://{auth}{address}:{port}/0" + (f"?{self.query}" if self.query else "")
 
 
 class _Shard:
@@ -184,38 +118,24 @@ class RedisClusterBackend:
 
     def __init__(self, url: str, *, ttl: float = 86400.0, history_size: int = 100) -> None:
         self._url = ClusterURL.parse(url)
+        self._nodes = ClusterNodes(self._url)
         self._ttl_ms = max(1, int(ttl * 1000))
         self._history_size = history_size
-        self._cluster: RedisCluster | None = None
         self._shards: dict[str, _Shard] = {}
-        #: Clients for scripts and reads, one per node name (`host:port`), made on first use.
-        self._clients: dict[str, aioredis.Redis] = {}
         self._pending: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._inbox: asyncio.Queue[Published | BaseException] = asyncio.Queue(MAX_INBOX)
         #: Set once a shard's subscriptions are no longer sure: this backend is done for.
         self._lost: BaseException | None = None
         self._queue = PublishQueue(self._send, name="dream-ws redis cluster publisher")
-        self._stale = False
-        self._refreshing = asyncio.Lock()
 
     # -- life cycle -------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        first, *others = self._url.nodes
-        # No silent retries inside redis-py: the layer owns reconnecting, with its own backoff.
-        # Every slot must be served: during a failover, connecting fails until a replica took over.
-        self._cluster = RedisCluster.from_url(
-            self._url.node_url(*first),
-            startup_nodes=[ClusterNode(host, port) for host, port in others],
-            require_full_coverage=True,
-            retry=Retry(NoBackoff(), 0),
-            socket_connect_timeout=CONFIRM_TIMEOUT,
-        )
-        await self._cluster.initialize()
+        await self._nodes.connect()
         loop = asyncio.get_running_loop()
         # Every primary at once, so that a dead one fails `connect()` (the layer tries again) rather
         # than the first subscription that lands on it.
-        for node in self._cluster.get_primaries():
+        for node in self._nodes.primaries():
             shard = self._shards[node.name] = _Shard(
                 node.name, _pubsub_connection(self._url.node_url(node.host, int(node.port)))
             )
@@ -234,12 +154,7 @@ class RedisClusterBackend:
         shards, self._shards = list(self._shards.values()), {}
         for shard in shards:
             await shard.close()
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            await client.aclose()
-        cluster, self._cluster = self._cluster, None
-        if cluster is not None:
-            await cluster.aclose()
+        await self._nodes.close()
 
     # -- subscriptions ----------------------------------------------------------------------
 
@@ -256,7 +171,7 @@ class RedisClusterBackend:
         loop = asyncio.get_running_loop()
         by_shard: dict[str, list[str]] = defaultdict(list)
         for channel in channels:
-            by_shard[self._node(channel).name].append(channel)
+            by_shard[self._nodes.node(channel).name].append(channel)
         futures = []
         for channel in channels:
             future = self._pending[(kind, pubsub_channel(channel))] = loop.create_future()
@@ -288,7 +203,7 @@ class RedisClusterBackend:
                 kind = _text(reply[0])
                 name = _text(reply[1])
                 if kind == "smessage":
-                    channel = name[len(_PUBSUB_PREFIX) : -1]
+                    channel = name[len(PUBSUB_PREFIX) : -1]
                     position, text = split_position(_text(reply[2]))
                     await self._inbox.put(Published(channel, text, position))
                     continue
@@ -332,10 +247,10 @@ class RedisClusterBackend:
 
     async def _send(self, batch: list[tuple[str, str, asyncio.Future[Position]]]) -> None:
         try:
-            await self._refresh_if_stale()
+            await self._nodes.refresh_if_stale()
             by_node: dict[str, list[tuple[str, str, asyncio.Future[Position]]]] = defaultdict(list)
             for entry in batch:
-                by_node[self._node(entry[0]).name].append(entry)
+                by_node[self._nodes.node(entry[0]).name].append(entry)
         except Exception as exc:
             for _, _, future in batch:
                 _fail(future, exc)
@@ -358,104 +273,27 @@ class RedisClusterBackend:
             (_SPUBLISH, channel, (self._ttl_ms, self._history_size, pubsub_channel(channel), text))
             for channel, text, _ in entries
         ]
-        replicas = min(1, min(self._replicas(channel) for channel, _, _ in entries))
+        replicas = min(1, min(self._nodes.replicas(channel) for channel, _, _ in entries))
         try:
-            results = await self._scripts(name, calls, wait_replicas=replicas)
+            results = await self._nodes.scripts(name, calls, wait_replicas=replicas)
         except Exception as exc:
-            self._stale = self._stale or isinstance(exc, _TOPOLOGY_ERRORS)
+            self._nodes.mark_stale(exc)
             for _, _, future in entries:
                 _fail(future, exc)
             return
         for (_, _, future), result in zip(entries, results, strict=True):
             if isinstance(result, Exception):
-                self._stale = self._stale or isinstance(result, _TOPOLOGY_ERRORS)
+                self._nodes.mark_stale(result)
                 _fail(future, result)
             elif not future.done():
                 future.set_result(_position(result))
-
-    async def _scripts(
-        self, name: str, calls: Sequence[tuple[str, str, tuple[Any, ...]]], *, wait_replicas: int = 0
-    ) -> list[Any]:
-        """Run `(script, channel, extra args)` calls on node `name` in one pipeline; each gets the
-        group's keys and a new epoch first. A script the node lacks (a new primary, a restart) is
-        loaded and run again, without a retry of the others."""
-        results = await self._pipeline(name, calls, wait_replicas)
-        unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-        if unknown:
-            client = self._client(name)
-            for script in {calls[i][0] for i in unknown}:
-                await client.script_load(script)
-            retried = await self._pipeline(name, [calls[i] for i in unknown], wait_replicas)
-            for i, result in zip(unknown, retried, strict=True):
-                results[i] = result
-        return results
-
-    async def _pipeline(
-        self, name: str, calls: Sequence[tuple[str, str, tuple[Any, ...]]], wait_replicas: int
-    ) -> list[Any]:
-        async with self._client(name).pipeline(transaction=False) as pipe:
-            for script, channel, args in calls:
-                pipe.evalsha(_SCRIPTS[script], 2, *keys(channel), new_epoch(), *args)
-            wait = wait_replicas > 0 and self._url.replica_wait_ms > 0
-            if wait:
-                # On this connection, after the scripts: it waits for what they wrote.
-                pipe.execute_command("WAIT", wait_replicas, self._url.replica_wait_ms)
-            results = list(await pipe.execute(raise_on_error=False))
-        if wait:
-            acknowledged = results.pop()
-            if isinstance(acknowledged, Exception):
-                raise acknowledged
-            if int(acknowledged) < wait_replicas:
-                # A replica that did not answer in time: the topology may say it is gone by now.
-                self._stale = True
-                logger.info("redis cluster node %s: no replica confirmed a publish in time", name)
-        return results
-
-    # -- topology ---------------------------------------------------------------------------
-
-    def _node(self, channel: str) -> ClusterNode:
-        """The primary serving `channel`'s slot, as this backend knows the topology."""
-        assert self._cluster is not None, "connect() first"
-        node = self._cluster.get_node_from_key(pubsub_channel(channel))
-        if node is None:
-            raise SlotNotCoveredError(f"no primary serves the slot of {channel}")
-        return node
-
-    def _replicas(self, channel: str) -> int:
-        assert self._cluster is not None, "connect() first"
-        slot = self._cluster.keyslot(pubsub_channel(channel))
-        return max(0, len(self._cluster.nodes_manager.slots_cache.get(slot, ())) - 1)
-
-    def _client(self, name: str) -> aioredis.Redis:
-        client = self._clients.get(name)
-        if client is None:
-            host, _, port = name.rpartition(":")
-            client = self._clients[name] = redis_client(
-                self._url.node_url(host, int(port)), socket_keepalive=True, retry=Retry(NoBackoff(), 0)
-            )
-        return client
-
-    async def _refresh_if_stale(self) -> None:
-        """Read the topology again after an error that says it changed (one refresh at a time)."""
-        if not self._stale:
-            return
-        async with self._refreshing:
-            if self._stale:
-                assert self._cluster is not None
-                await self._cluster.nodes_manager.initialize()
-                self._stale = False
-
-    async def _on_node(self, channel: str) -> tuple[str, aioredis.Redis]:
-        await self._refresh_if_stale()
-        name = self._node(channel).name
-        return name, self._client(name)
 
     # -- history ----------------------------------------------------------------------------
 
     async def history(self, channel: str, after: Position | None) -> History:
         """The current position and the kept messages after `after`, in one round trip and one
         transaction (the group's keys are in one slot, on one node)."""
-        _, client = await self._on_node(channel)
+        _, client = await self._nodes.on_node(channel)
         position_key, stream = keys(channel)
         try:
             async with client.pipeline(transaction=True) as pipe:
@@ -464,8 +302,8 @@ class RedisClusterBackend:
                 if after is not None:
                     pipe.xrange(stream, min=f"({after.seq}-0", count=self._history_size)
                 replies = await pipe.execute()
-        except _TOPOLOGY_ERRORS:
-            self._stale = True
+        except TOPOLOGY_ERRORS:
+            self._nodes.mark_stale()
             raise
         (epoch, seq), entries = replies[0], replies[-1]
         if epoch is None:
@@ -478,16 +316,16 @@ class RedisClusterBackend:
 
     async def positions(self, channels: Sequence[str]) -> list[Position]:
         """Each channel's current position: one pipeline per shard, side by side."""
-        await self._refresh_if_stale()
+        await self._nodes.refresh_if_stale()
         by_node: dict[str, list[int]] = defaultdict(list)
         for i, channel in enumerate(channels):
-            by_node[self._node(channel).name].append(i)
+            by_node[self._nodes.node(channel).name].append(i)
         results: list[Any] = [None] * len(channels)
 
         async def on(name: str, indexes: list[int]) -> None:
             calls = [(_POSITION, channels[i], (self._ttl_ms,)) for i in indexes]
             try:
-                replies = await self._scripts(name, calls)
+                replies = await self._nodes.scripts(name, calls)
             except Exception as exc:
                 replies = [exc] * len(indexes)
             for i, reply in zip(indexes, replies, strict=True):
@@ -498,21 +336,21 @@ class RedisClusterBackend:
                 group.create_task(on(name, indexes))
         for result in results:
             if isinstance(result, Exception):
-                self._stale = self._stale or isinstance(result, _TOPOLOGY_ERRORS)
+                self._nodes.mark_stale(result)
                 raise result
         return [_position(result) for result in results]
 
     async def latest(self, channel: str) -> Published | None:
         """The newest message of `channel` (its latest state), if any is kept."""
-        _, client = await self._on_node(channel)
+        _, client = await self._nodes.on_node(channel)
         position_key, stream = keys(channel)
         try:
             async with client.pipeline(transaction=True) as pipe:
                 pipe.hget(position_key, "epoch")
                 pipe.xrevrange(stream, count=1)
                 epoch, entries = await pipe.execute()
-        except _TOPOLOGY_ERRORS:
-            self._stale = True
+        except TOPOLOGY_ERRORS:
+            self._nodes.mark_stale()
             raise
         if epoch is None or not entries:
             return None

@@ -21,7 +21,7 @@ from ...protocol import Position, new_epoch
 from ...settings import Settings
 from ..publishing import PublishMetrics
 from .redis import keys
-from .redis_cluster import _SCRIPTS, _SPUBLISH, ClusterURL, pubsub_channel
+from .redis_cluster_nodes import _SCRIPTS, _SPUBLISH, ClusterURL, pubsub_channel
 
 logger = logging.getLogger("starlette_dream_ws.layer")
 _SHA = _SCRIPTS[_SPUBLISH]
