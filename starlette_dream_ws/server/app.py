@@ -78,6 +78,8 @@ class ConsumerApp:
         # Producers of this process may publish on memory:// before the first connection.
         shared.declare(self.layer)
         self._started = False
+        #: Set from the moment a shutdown begins: connections that arrive then are turned away.
+        self.shutting_down = False
         # The heartbeat looks at every open connection: one set of them (an entry costs tens of
         # bytes per connection in each set it is in).
         consumers: set[Consumer] = set()
@@ -137,6 +139,13 @@ class ConsumerApp:
 
     async def _serve(self, consumer: type[Consumer], scope: Scope, receive: Receive, send: Send) -> None:
         """Run one connection (an event stream speaks WebSocket messages through its adapter)."""
+        if self.shutting_down:
+            # A client that reconnects at once (or a keep-alive connection's next request) while
+            # the server stops: nobody would close it, and the server would wait for it.
+            if (await receive())["type"] == "websocket.connect":
+                await send({"type": "websocket.accept"})
+                await send({"type": "websocket.close", "code": CloseCodes.GOING_AWAY, "reason": ""})
+            return
         try:
             await self.start()
         except BackendUnavailable:
@@ -168,6 +177,7 @@ class ConsumerApp:
 
     async def close(self, code: int = CloseCodes.GOING_AWAY) -> None:
         """Close every connection with `code`, stop the heartbeat, disconnect the layer."""
+        self.shutting_down = True
         consumers = list(self.context.consumers)
         if consumers:
             drained = self.context.drained = asyncio.Event()
@@ -181,6 +191,7 @@ class ConsumerApp:
         self._started = False
         shared.unregister(self.layer)
         await self.layer.disconnect()
+        self.shutting_down = False  # a later connection starts the app again (tests, reloads)
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -202,6 +213,7 @@ class ConsumerApp:
 
     def begin_shutdown(self, code: int = CloseCodes.GOING_AWAY) -> None:
         """Start closing every connection with `code` now, without waiting (sync, for signals)."""
+        self.shutting_down = True
         for consumer in list(self.context.consumers):
             consumer.close_soon(CloseConnection(code))
 

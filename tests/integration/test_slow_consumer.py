@@ -48,6 +48,8 @@ UPDATES = 3000
 #: Characters of `message` per update: a few KB, so that buffers fill fast.
 MESSAGE_SIZE = 16_000
 MAX_PENDING = 200
+#: Seconds the producer waits before each update: about 1,000 updates a second at most.
+PACE = 0.001
 NORMAL_CLIENTS = 5
 MiB = 1 << 20
 #: Server RSS growth allowed while the slow client is stuck (the update volume of one connection
@@ -70,6 +72,9 @@ def slow_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
     return server_env(
         redis_url,
         DREAM_WS_MAX_PENDING_EVENTS=str(MAX_PENDING),
+        # The stuck client's close waits behind its unread bytes until it reads again, after the
+        # whole publish (several seconds on a busy machine): not given up on before that.
+        DREAM_WS_CLOSE_TIMEOUT="120",
         UVICORN_WS_PER_MESSAGE_DEFLATE="false",
         UVICORN_LOG_CONFIG=str(log_config),
     )
@@ -224,10 +229,17 @@ def read_metrics(server: UvicornServer) -> dict[str, float]:
 
 
 def update_calls(count: int) -> list[dict[str, Any]]:
-    """Update i carries `i` (6 digits) at the start of its message, and its own image URL."""
+    """Update i carries `i` (6 digits) at the start of its message, and its own image URL.
+
+    Paced (`PACE` between calls): the normal clients are Python readers that must keep up with
+    every update of 16 KB, and the sync producer alone publishes several thousand a second,
+    faster than they read; the slow client is the one that is meant to fall behind."""
     filler = "x" * (MESSAGE_SIZE - 6)
     return [
-        producer_call(DREAM, [f"https://cdn.example/{DREAM}/{i}.png"], "processing", f"{i:06d}{filler}")
+        {
+            **producer_call(DREAM, [f"https://cdn.example/{DREAM}/{i}.png"], "processing", f"{i:06d}{filler}"),
+            "pause_before": PACE,
+        }
         for i in range(count)
     ]
 
@@ -246,6 +258,7 @@ async def read_updates(ws: ClientConnection, count: int) -> tuple[list[int], lis
         received_at = time.time()
         if message["type"] == "ping":
             continue
+        assert message["type"] == "image_update", message
         assert message["images"] == [f"https://cdn.example/{DREAM}/{sequence(message)}.png"], message["images"]
         assert len(message["message"]) == MESSAGE_SIZE and message["status"] == "processing"
         latencies.append(received_at - message["timestamp"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -78,3 +79,20 @@ async def test_app_close_sends_1001_and_stops_everything(make_app: MakeApp) -> N
             assert (await two.expect_close())[0] == 1001
         assert _library_tasks() == set()
         assert not app.layer.connected
+
+
+async def test_connections_arriving_during_a_shutdown_are_turned_away(make_app: Callable[..., Any]) -> None:
+    # A client that reconnects at once while the server stops must not keep it waiting.
+    app = make_app()
+    async with ConsumerTestClient(app) as client:
+        async with client.connect("/dreams/1") as ws:
+            assert (await ws.receive_json())["type"] == "connection_established"
+            app.begin_shutdown()
+            assert (await ws.expect_close())[0] == 1001
+        async with client.connect("/dreams/1") as late:
+            assert (await late.expect_close())[0] == 1001
+        stream = await client.http.get(f"/dreams/1/events?token={client.token()}")
+        assert stream.status_code == 503
+    # After the shutdown, the app starts again on the next connection (tests, reloads).
+    async with ConsumerTestClient(app) as client, client.connect("/dreams/1") as ws:
+        assert (await ws.receive_json())["type"] == "connection_established"
