@@ -107,3 +107,26 @@ def test_a_blocked_websocket_falls_back_to_server_sent_events(
     assert seen["opens"] == [{"recovered": None, "transport": "sse"}]
     publish(redis_url, 1, 2)
     assert wait_seen(page, 2)["seqs"] == [1, 2]
+
+
+def test_a_refused_event_stream_ends_in_auth_failed_not_in_endless_retries(
+    page: Page, start_server: ServerFactory
+) -> None:
+    """EventSource hides a refusal's status: the client asks for it once and stops, as after 4401."""
+    server = start_server()
+    streams: list[str] = []
+    page.on("request", lambda request: streams.append(request.url) if "/events" in request.url else None)
+    states = run_in_page(
+        page,
+        server.base_url,
+        """
+        const states = [];
+        const socket = new DreamSocket({ dreamId: 1, token: 'not.a.token', transport: 'sse', backoffBase: 50 });
+        socket.on('state', ({ state, code }) => states.push([state, code ?? null]));
+        await until(() => states.some(([state]) => state === 'auth_failed'), 10000, 'auth_failed');
+        return states;
+        """,
+    )
+    assert states[-1] == ["auth_failed", 4401], states
+    # The stream and the one request that asked why: no retry loop.
+    assert len(streams) == 2, streams

@@ -117,6 +117,7 @@ export interface DreamSocketPage {
   location?: { protocol: string; host: string };
   WebSocket?: typeof WebSocket;
   EventSource?: typeof EventSource;
+  fetch?: typeof fetch;
 }
 
 export interface DreamSocketOptions {
@@ -164,6 +165,8 @@ export interface DreamSocketOptions {
   WebSocket?: typeof WebSocket;
   /** EventSource implementation. Default: the page's. */
   EventSource?: typeof EventSource;
+  /** Asks why an event stream was refused (EventSource hides the status). Default: the page's. */
+  fetch?: typeof fetch;
   /** The page (default `globalThis`): tests and non-browser hosts pass their own. */
   window?: DreamSocketPage;
 }

@@ -69,6 +69,7 @@ const MAX_DELAY = 2 ** 31 - 1;
  * @property {{ protocol: string, host: string }} [location]
  * @property {typeof WebSocket} [WebSocket]
  * @property {typeof EventSource} [EventSource]
+ * @property {typeof fetch} [fetch]
  */
 
 /**
@@ -96,6 +97,7 @@ const MAX_DELAY = 2 ** 31 - 1;
  * @property {typeof WebSocket} [WebSocket] WebSocket implementation (tests, non-browser hosts).
  *   Default: the page's.
  * @property {typeof EventSource} [EventSource] EventSource implementation. Default: the page's.
+ * @property {typeof fetch} [fetch] Asks why an event stream was refused. Default: the page's.
  * @property {Page} [window] The page: where `online`, `pagehide` and `pageshow` are heard,
  *   `document` (visibility) and `navigator` (onLine) are read. Default: `globalThis`.
  */
@@ -311,7 +313,7 @@ export class DreamSocket {
   }
 
   /**
-   * @param {'WebSocket' | 'EventSource'} name
+   * @param {'WebSocket' | 'EventSource' | 'fetch'} name
    * @returns {any} the implementation given in the options, else the page's
    */
   _impl(name) {
@@ -424,8 +426,35 @@ export class DreamSocket {
       // would then retry by itself, at a fixed pace, offline or not, and with the token it
       // started with: the client retries instead, as for a WebSocket, and resumes with `since`.
       if (/** @type {MessageEvent} */ (event).data !== undefined) onEvent(/** @type {MessageEvent} */ (event));
+      // CLOSED: the browser gave up, so the server answered with a status (a refusal); a network
+      // failure leaves it CONNECTING. EventSource hides the status: ask for it once.
+      else if (es.readyState === 2) this._refused(es, `${base}/events${query}`);
       else this._onClose(1006, 'event stream failed');
     });
+  }
+
+  /**
+   * Why an event stream was refused: the status of the same request, as the close code a
+   * WebSocket would have had (401 -> 4401, 403 -> 4403, 400 -> 1008, 429/503 -> 1013).
+   * @param {EventSource} es
+   * @param {string} url
+   */
+  async _refused(es, url) {
+    let code = 1006;
+    const get = this._impl('fetch');
+    if (get) {
+      const abort = new AbortController();
+      try {
+        const { status } = await get(url, { signal: abort.signal });
+        /** @type {Record<number, number>} */
+        const codes = { 400: 1008, 401: UNAUTHENTICATED, 403: FORBIDDEN, 429: 1013, 503: 1013 };
+        code = codes[status] ?? code;
+      } catch {
+        // The network, after all: retried as any lost stream.
+      }
+      abort.abort(); // an accepted stream is not read
+    }
+    if (this._es === es) this._onClose(code, 'event stream refused');
   }
 
   /** @param {unknown} data */

@@ -395,6 +395,27 @@ describe('Server-Sent Events', () => {
     socket.close();
   });
 
+  it('asks why a stream was refused: 403 stops with auth_failed, as a WebSocket 4403 would', async () => {
+    /** @type {string[]} */ const asked = [];
+    const fetch = async (/** @type {string} */ url) => (asked.push(url), { status: 403 });
+    const { EventSource, state } = start({ transport: 'sse', fetch });
+    await settle();
+    EventSource.all[0].refuse();
+    await settle();
+    assert.deepEqual(asked, [EventSource.all[0].url]);
+    assert.equal(state().state, 'auth_failed');
+    assert.equal(state().code, 4403);
+  });
+
+  it('retries a refused stream that the server accepts when asked (a refusal of the moment)', async () => {
+    const { EventSource, state } = start({ transport: 'sse', fetch: async () => ({ status: 200 }) });
+    await settle();
+    EventSource.all[0].refuse();
+    await settle();
+    assert.equal(state().state, 'reconnecting');
+    assert.equal(state().code, 1006);
+  });
+
   it('retries a failed stream itself: with backoff, a fresh token and `since`', async (t) => {
     t.mock.method(Math, 'random', () => 0.5);
     let calls = 0;

@@ -95,6 +95,12 @@ export function fakeEventSource() {
       this.readyState = 0; // EventSource would now retry by itself
       this.dispatchEvent(new Event('error'));
     }
+
+    /** The server answered with a status other than 200: EventSource closes, retries nothing. */
+    refuse() {
+      this.readyState = 2;
+      this.dispatchEvent(new Event('error'));
+    }
   };
 }
 
