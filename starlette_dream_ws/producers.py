@@ -81,7 +81,12 @@ async def apublish(
     SQLAlchemy connection or session, in its transaction), writes it in that transaction:
     delivered only if it commits, never retried (see `transactional`).
     """
-    content = _checked(group, event)
+    await _apublish(group, _checked(group, event), settings, connection)
+
+
+async def _apublish(group: str, content: dict[str, Any], settings: Settings | None, connection: object | None) -> None:
+    """What both async producers do with a validated message: in the caller's transaction, or
+    through the layer of this process (or of this loop)."""
     settings, layer = _resolve(settings)
     if connection is not None:
         await transactional.apublish_in_transaction(connection, group, content, settings=settings)
@@ -111,12 +116,7 @@ async def asend_image_update(
     (or `TypeError`) for a bad argument, before anything is sent. With `connection`, writes it
     in that connection's transaction, as `apublish` does.
     """
-    update = image_update_message(dream_id, image_urls, status, message, progress)
-    settings, layer = _resolve(settings)
-    if connection is not None:
-        await transactional.apublish_in_transaction(connection, dream_group(dream_id), update, settings=settings)
-        return
-    await _publish(settings, layer, dream_group(dream_id), update)
+    await _apublish(*_image_update(dream_id, image_urls, status, message, progress), settings, connection)
 
 
 def blocking(

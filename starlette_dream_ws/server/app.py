@@ -142,9 +142,7 @@ class ConsumerApp:
         if self.shutting_down:
             # A client that reconnects at once (or a keep-alive connection's next request) while
             # the server stops: nobody would close it, and the server would wait for it.
-            if (await receive())["type"] == "websocket.connect":
-                await send({"type": "websocket.accept"})
-                await send({"type": "websocket.close", "code": CloseCodes.GOING_AWAY, "reason": ""})
+            await _refuse(receive, send, CloseCodes.GOING_AWAY)
             return
         try:
             await self.start()
@@ -152,11 +150,7 @@ class ConsumerApp:
             pass  # the consumer closes with 1013 when it joins its group
         except ConfigurationError as exc:
             logger.error("refusing connections: %s", exc)
-            if (await receive())["type"] == "websocket.connect":
-                # Accepted first, as every refusal: browsers see the code and the error.
-                await send({"type": "websocket.accept"})
-                await send({"type": "websocket.send", "text": MISCONFIGURED})
-                await send({"type": "websocket.close", "code": CloseCodes.INTERNAL_ERROR, "reason": ""})
+            await _refuse(receive, send, CloseCodes.INTERNAL_ERROR, MISCONFIGURED)
             return
         await consumer(scope, receive, send, self.context).run()
 
@@ -240,6 +234,18 @@ class ConsumerApp:
         to serve them from your own `/metrics`. Needs the `prometheus` extra (else `ImportError`).
         """
         return probes.prometheus_collector(self)
+
+
+async def _refuse(receive: Receive, send: Send, code: int, error: str | None = None) -> None:
+    """Refuse a connection before any consumer runs: accepted first, as every refusal, so that
+    browsers see the code (and the `error` text, if any); an event stream's adapter turns this
+    into an HTTP status."""
+    if (await receive())["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    if error is not None:
+        await send({"type": "websocket.send", "text": error})
+    await send({"type": "websocket.close", "code": code, "reason": ""})
 
 
 async def _no_endpoint(request: Request) -> Response:
