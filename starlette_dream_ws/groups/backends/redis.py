@@ -223,21 +223,11 @@ class RedisBackend:
         """The current position and the kept messages after `after`, in one round trip (and one
         transaction: no publish comes between the position and the messages)."""
         assert self._client is not None
-        position_key, stream = keys(channel)
         async with self._client.pipeline(transaction=True) as pipe:
-            pipe.hmget(position_key, "epoch", "seq")
-            pipe.xrange(stream, count=self._history_size)
-            if after is not None:
-                pipe.xrange(stream, min=f"({after.seq}-0", count=self._history_size)
-            replies = await pipe.execute()
-        (epoch, seq), entries = replies[0], replies[-1]
-        if epoch is None:
-            # No history at all: start one, as `positions` would.
-            return History((await self.positions([channel]))[0], [])
-        current = Position(_text(epoch), int(seq or 0))
-        if after is None or after.epoch != current.epoch:
-            entries = replies[1]
-        return History(current, [_published(channel, current.epoch, entry) for entry in entries or ()])
+            read_history(pipe, channel, after, self._history_size)
+            history = history_from(channel, after, await pipe.execute())
+        # None: no history at all: start one, as `positions` would.
+        return history or History((await self.positions([channel]))[0], [])
 
     async def positions(self, channels: Sequence[str]) -> list[Position]:
         """Each channel's current position, in one round trip."""
@@ -258,6 +248,27 @@ class RedisBackend:
         if epoch is None or not entries:
             return None
         return _published(channel, _text(epoch), entries[0])
+
+
+def read_history(pipe: Any, channel: str, after: Position | None, size: int) -> None:
+    """Queue in `pipe` (a transaction: no publish comes between them) the reads of a group's
+    position and of its kept messages, all of them and those after `after`."""
+    position_key, stream = keys(channel)
+    pipe.hmget(position_key, "epoch", "seq")
+    pipe.xrange(stream, count=size)
+    if after is not None:
+        pipe.xrange(stream, min=f"({after.seq}-0", count=size)
+
+
+def history_from(channel: str, after: Position | None, replies: Sequence[Any]) -> History | None:
+    """The `History` the replies of `read_history` give; None if the group has no position."""
+    (epoch, seq), entries = replies[0], replies[-1]
+    if epoch is None:
+        return None
+    current = Position(_text(epoch), int(seq or 0))
+    if after is None or after.epoch != current.epoch:
+        entries = replies[1]
+    return History(current, [_published(channel, current.epoch, entry) for entry in entries or ()])
 
 
 def _published(channel: str, epoch: str, entry: Any) -> Published:

@@ -61,7 +61,9 @@ from .redis import (
     _position,
     _published,
     _text,
+    history_from,
     keys,
+    read_history,
 )
 from .redis_cluster_nodes import (
     _SPUBLISH,
@@ -294,25 +296,15 @@ class RedisClusterBackend:
         """The current position and the kept messages after `after`, in one round trip and one
         transaction (the group's keys are in one slot, on one node)."""
         _, client = await self._nodes.on_node(channel)
-        position_key, stream = keys(channel)
         try:
             async with client.pipeline(transaction=True) as pipe:
-                pipe.hmget(position_key, "epoch", "seq")
-                pipe.xrange(stream, count=self._history_size)
-                if after is not None:
-                    pipe.xrange(stream, min=f"({after.seq}-0", count=self._history_size)
-                replies = await pipe.execute()
+                read_history(pipe, channel, after, self._history_size)
+                history = history_from(channel, after, await pipe.execute())
         except TOPOLOGY_ERRORS:
             self._nodes.mark_stale()
             raise
-        (epoch, seq), entries = replies[0], replies[-1]
-        if epoch is None:
-            # No history at all: start one, as `positions` would.
-            return History((await self.positions([channel]))[0], [])
-        current = Position(_text(epoch), int(seq or 0))
-        if after is None or after.epoch != current.epoch:
-            entries = replies[1]
-        return History(current, [_published(channel, current.epoch, entry) for entry in entries or ()])
+        # None: no history at all: start one, as `positions` would.
+        return history or History((await self.positions([channel]))[0], [])
 
     async def positions(self, channels: Sequence[str]) -> list[Position]:
         """Each channel's current position: one pipeline per shard, side by side."""
