@@ -16,28 +16,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import jwt
 import redis.asyncio as redis
+
+# The protocol's side is the ceiling's own: only the delivery differs.
+from bench.servers.ceiling import PATH, PONG, SUBPROTOCOL, channel_name, http, verify
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-SUBPROTOCOL = "dream-ws.v1"
-TOKEN_PREFIX = "dream-ws.bearer."
-PATH = re.compile(r"/dreams/(\d+)")
-PONG = {"type": "websocket.send", "text": '{"type":"pong"}'}
-HEALTH_BODY = b'{"status":"ok","backend_connected":true}'
-
-
-def channel_name(dream_id: int) -> str:
-    return f"dream_images_{dream_id}"
 
 
 def strip_position(data: str) -> str:
@@ -140,18 +131,6 @@ class Hub:
 hub = Hub()
 
 
-def verify(scope: Scope, secret: str) -> bool:
-    for offered in scope.get("subprotocols") or ():
-        if offered.startswith(TOKEN_PREFIX):
-            token = offered[len(TOKEN_PREFIX) :]
-            try:
-                jwt.decode(token, secret, algorithms=["HS256"], options={"require": ["exp", "sub"]})
-            except jwt.InvalidTokenError:
-                return False
-            return True
-    return False
-
-
 async def websocket(scope: Scope, receive: Receive, send: Send) -> None:
     if (await receive())["type"] != "websocket.connect":
         return
@@ -191,20 +170,6 @@ async def lifespan(receive: Receive, send: Send) -> None:
             await hub.stop()
             await send({"type": "lifespan.shutdown.complete"})
             return
-
-
-async def http(scope: Scope, send: Send) -> None:
-    # Only a readiness probe: the Redis connection is made at startup, so serving means connected.
-    found = scope["path"] == "/health"
-    body = HEALTH_BODY if found else b""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200 if found else 404,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
